@@ -1,0 +1,74 @@
+//! The batchd daemon: flags → config → logging → bind → serve until a signal.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use batchd::config::{Config, ConfigError, Flags};
+use batchd::{Registry, Server};
+use clap::Parser;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// Exit code for a configuration error (EX_CONFIG is 78, but batchd documents EX_USAGE, 64).
+const EXIT_CONFIG: u8 = 64;
+
+/// A gRPC batch-processing daemon: a bounded, fair, cancellable worker pool for job batches.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    flags: Flags,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.flags, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    batchd::telemetry::init(config.log_format, &config.log);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("batchd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("batchd: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+#[tokio::main]
+async fn run(config: Config) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let server = Server::new(config, Registry::builtin());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serve = server.serve(listener, stop.clone().cancelled_owned());
+    tokio::pin!(serve);
+    tokio::select! {
+        res = &mut serve => return res.context("serving"),
+        name = next_signal(&mut term, &mut int) => tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)"),
+    }
+    stop.cancel();
+    tokio::select! {
+        res = &mut serve => res.context("shutting down"),
+        name = next_signal(&mut term, &mut int) => {
+            tracing::warn!(signal = name, "second signal: stopping at once");
+            std::process::exit(130);
+        }
+    }
+}
+
+async fn next_signal(term: &mut Signal, int: &mut Signal) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,327 @@
+//! Typed configuration: embedded defaults < TOML file < `BATCHD_*` environment < command-line flags.
+
+mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use units::ByteSize;
+
+/// Prefix of the environment variables that set config fields (`BATCHD_WORKERS=8`).
+pub const ENV_PREFIX: &str = "BATCHD_";
+
+/// Every setting of the daemon; `Config::default()` is what runs with no file, env or flags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Jobs running at once, across all calls.
+    pub workers: usize,
+    /// CPU-bound pieces of work running at once; 0 means the number of cores.
+    pub cpu_workers: usize,
+    /// Admitted jobs per call whose result is not sent yet; beyond it the call's stream is not read.
+    pub session_window: usize,
+    /// Calls open at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_calls: usize,
+    /// Largest request message accepted; larger ends the call with RESOURCE_EXHAUSTED.
+    pub max_message_size: ByteSize,
+    /// Most jobs in one batch; more ends the call with INVALID_ARGUMENT.
+    pub max_jobs_per_batch: usize,
+    /// Largest job payload; larger makes the job REJECTED.
+    pub max_payload: ByteSize,
+    /// Largest job output; larger makes the job FAILED.
+    pub max_output: ByteSize,
+    /// Timeout of a job that sets none.
+    #[serde(with = "units::duration")]
+    pub default_job_timeout: Duration,
+    /// Cap on a job's own timeout.
+    #[serde(with = "units::duration")]
+    pub max_job_timeout: Duration,
+    /// HTTP/2 streams (calls) per client connection.
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keepalive pings that catch vanished peers; 0s turns them off.
+    #[serde(with = "units::duration")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[serde(with = "units::duration")]
+    pub keepalive_timeout: Duration,
+    /// How long shutdown lets running jobs finish before it cancels them.
+    #[serde(with = "units::duration")]
+    pub shutdown_grace: Duration,
+    /// Log format: `text` or `json`.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax, e.g. `info` or `batchd=debug,info`.
+    pub log: String,
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The daemon's command-line flags; each overrides the file and the environment.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Flags {
+    /// TOML config file (see deploy/batchd.toml)
+    #[arg(long, short = 'c', value_name = "FILE", env = "BATCHD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Jobs running at once across all calls [default: 256]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Log format [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Any other config field, e.g. --set session_window=4096 (repeatable)
+    #[arg(long = "set", short = 's', value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// A configuration that cannot be used; the message names the field and where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A value could not be parsed.
+    #[error("invalid config in {origin}: {message}")]
+    Parse {
+        /// File, variable or flag.
+        origin: String,
+        /// What is wrong, with the field's name.
+        message: String,
+    },
+    /// A field has a value outside its range.
+    #[error("invalid config: {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            workers: 256,
+            cpu_workers: 0,
+            session_window: 1024,
+            max_calls: 10_000,
+            max_message_size: ByteSize::mib(16),
+            max_jobs_per_batch: 10_000,
+            max_payload: ByteSize::mib(8),
+            max_output: ByteSize::mib(8),
+            default_job_timeout: Duration::from_secs(60),
+            max_job_timeout: Duration::from_secs(3600),
+            max_concurrent_streams: 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            log_format: LogFormat::Text,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Builds the config from the file named by `flags` (if any), `env` and `flags`, then validates it.
+    pub fn load<I>(flags: &Flags, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut table = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => toml::Table::new(),
+        };
+        let origin = |p: &Path| format!("config file {}", p.display());
+        check(&table, || {
+            flags.config.as_deref().map_or("defaults".into(), origin)
+        })?;
+
+        let fields = field_names();
+        let mut env: Vec<_> = env
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let field = k.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+                fields.contains(&field).then_some((k, field, v))
+            })
+            .collect();
+        env.sort();
+        for (var, field, value) in env {
+            table.insert(field, typed(&value));
+            check(&table, || format!("environment variable {var}"))?;
+        }
+
+        let mut set = Vec::new();
+        if let Some(v) = &flags.listen {
+            set.push((
+                "--listen".to_owned(),
+                "listen".to_owned(),
+                toml::Value::String(v.clone()),
+            ));
+        }
+        if let Some(v) = flags.workers {
+            let v = i64::try_from(v).unwrap_or(i64::MAX);
+            set.push((
+                "--workers".into(),
+                "workers".into(),
+                toml::Value::Integer(v),
+            ));
+        }
+        if let Some(v) = flags.log_format {
+            let v = match v {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            };
+            set.push((
+                "--log-format".into(),
+                "log_format".into(),
+                toml::Value::String(v.into()),
+            ));
+        }
+        for kv in &flags.set {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(ConfigError::Parse {
+                    origin: format!("--set {kv}"),
+                    message: "expected FIELD=VALUE".into(),
+                });
+            };
+            set.push((format!("--set {kv}"), k.trim().to_owned(), typed(v.trim())));
+        }
+        for (origin, field, value) in set {
+            table.insert(field, value);
+            check(&table, || origin.clone())?;
+        }
+
+        let config = from_table(table).map_err(|message| ConfigError::Parse {
+            origin: "config".into(),
+            message,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field's range, so a bad value stops the daemon before it binds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.workers == 0 {
+            return invalid("workers", "must be at least 1");
+        }
+        if self.session_window == 0 {
+            return invalid("session_window", "must be at least 1");
+        }
+        if self.max_calls == 0 || self.max_calls > tokio::sync::Semaphore::MAX_PERMITS {
+            return invalid("max_calls", "must be between 1 and 2^61");
+        }
+        if self.max_jobs_per_batch == 0 {
+            return invalid("max_jobs_per_batch", "must be at least 1");
+        }
+        if self.max_message_size < ByteSize(1024) || self.max_message_size.0 > u64::from(u32::MAX) {
+            return invalid("max_message_size", "must be between 1KiB and 4GiB");
+        }
+        if self.max_payload > self.max_message_size {
+            return invalid("max_payload", "must not be larger than max_message_size");
+        }
+        if self.default_job_timeout.is_zero() {
+            return invalid("default_job_timeout", "must be positive");
+        }
+        if self.max_job_timeout < self.default_job_timeout {
+            return invalid(
+                "max_job_timeout",
+                "must not be shorter than default_job_timeout",
+            );
+        }
+        if self.max_concurrent_streams == 0 {
+            return invalid("max_concurrent_streams", "must be at least 1");
+        }
+        if !self.keepalive_interval.is_zero() && self.keepalive_timeout.is_zero() {
+            return invalid(
+                "keepalive_timeout",
+                "must be positive while keepalive is on",
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log) {
+            return invalid("log", &format!("{:?} is not a log filter: {e}", self.log));
+        }
+        Ok(())
+    }
+
+    /// `cpu_workers`, with 0 resolved to the number of cores.
+    pub fn effective_cpu_workers(&self) -> usize {
+        match self.cpu_workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        origin: format!("config file {}", path.display()),
+        message: e.to_string(),
+    })
+}
+
+/// Tries the table so far, so that an error is blamed on the layer that caused it.
+fn check(table: &toml::Table, origin: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    from_table(table.clone())
+        .map(drop)
+        .map_err(|message| ConfigError::Parse {
+            origin: origin(),
+            message,
+        })
+}
+
+fn from_table(table: toml::Table) -> Result<Config, String> {
+    Config::deserialize(toml::Value::Table(table)).map_err(|e| e.to_string().trim().to_owned())
+}
+
+/// An environment or flag value as TOML: numbers and booleans typed, anything else a string.
+fn typed(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => match t.remove("v") {
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_)),
+            ) => v,
+            _ => toml::Value::String(raw.to_owned()),
+        },
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+/// The names of every config field, as written in TOML.
+fn field_names() -> Vec<String> {
+    toml::Table::try_from(Config::default())
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

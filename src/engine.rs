@@ -1,0 +1,283 @@
+//! The engine: calls, the fair global worker pool, and the cancellation tree daemon → call → job.
+//!
+//! The service opens a [`Call`] per gRPC call and feeds it [`Command`]s; the call's session task admits
+//! jobs, runs them when the scheduler grants a worker slot, and streams results back through a
+//! [`ResultStream`]. Dropping that stream (the client went away) cancels the call's token, which ends
+//! the session task and with it every job future, timer and buffer of the call.
+
+mod job;
+mod scheduler;
+mod session;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::handlers::{CpuPool, Registry};
+
+pub use job::{Command, JobRequest, JobResult, Outcome};
+use scheduler::Scheduler;
+use session::Session;
+
+/// Most bytes of results coalesced into one response: the default receive limit of gRPC clients.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The engine's limits, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Jobs running at once across all calls.
+    pub workers: usize,
+    /// CPU-bound pieces of work running at once.
+    pub cpu_workers: usize,
+    /// Admitted jobs whose result is not yet sent, per call.
+    pub session_window: usize,
+    /// Calls open at once.
+    pub max_calls: usize,
+    /// Jobs in one batch.
+    pub max_jobs_per_batch: usize,
+    /// Bytes of one job's payload.
+    pub max_payload: usize,
+    /// Bytes of one job's output.
+    pub max_output: usize,
+    /// Timeout of a job that sets none.
+    pub default_job_timeout: Duration,
+    /// Longest timeout a job may ask for.
+    pub max_job_timeout: Duration,
+}
+
+/// Runs the jobs of every call; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limits: Limits,
+    registry: Registry,
+    scheduler: Arc<Scheduler>,
+    cpu: CpuPool,
+    /// Parent of every call's token: cancelled when shutdown's grace period is over.
+    root: CancellationToken,
+    /// Cancelled when shutdown starts: calls stop reading new jobs and finish what they hold.
+    drain: CancellationToken,
+    sessions: TaskTracker,
+    calls: Arc<Semaphore>,
+    stats: Counters,
+}
+
+/// Live gauges and counters, updated by the sessions.
+#[derive(Debug, Default)]
+struct Counters {
+    calls_open: AtomicU64,
+    jobs_queued: AtomicU64,
+    jobs_running: AtomicU64,
+    results_buffered: AtomicU64,
+    jobs_admitted: AtomicU64,
+    finished: [AtomicU64; 5],
+}
+
+/// A snapshot of the engine's counters, for tests, logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Calls whose session is alive.
+    pub calls_open: u64,
+    /// Admitted jobs waiting for a worker slot.
+    pub jobs_queued: u64,
+    /// Jobs holding a worker slot.
+    pub jobs_running: u64,
+    /// Results held by sessions, not yet handed to the transport.
+    pub results_buffered: u64,
+    /// Jobs admitted since start.
+    pub jobs_admitted: u64,
+    /// Jobs finished since start, by outcome in [`Outcome::ALL`] order (rejected jobs included).
+    pub finished: [u64; 5],
+    /// Worker slots nobody holds.
+    pub free_workers: u64,
+}
+
+/// Permission to run one call, taken before its stream is read.
+#[derive(Debug)]
+pub struct Call {
+    engine: Arc<Inner>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    deadline: Option<Instant>,
+}
+
+/// The results of one call; dropping it stops everything the call started.
+#[derive(Debug)]
+pub struct ResultStream {
+    rx: mpsc::Receiver<Result<Vec<JobResult>, Error>>,
+    _cancel_on_drop: DropGuard,
+}
+
+// === impl Limits ===
+
+impl From<&Config> for Limits {
+    fn from(c: &Config) -> Self {
+        Self {
+            workers: c.workers,
+            cpu_workers: c.effective_cpu_workers(),
+            session_window: c.session_window,
+            max_calls: c.max_calls,
+            max_jobs_per_batch: c.max_jobs_per_batch,
+            max_payload: c.max_payload.as_usize(),
+            max_output: c.max_output.as_usize(),
+            default_job_timeout: c.default_job_timeout,
+            max_job_timeout: c.max_job_timeout,
+        }
+    }
+}
+
+// === impl Engine ===
+
+impl Engine {
+    /// An engine with these limits and handlers.
+    pub fn new(limits: Limits, registry: Registry) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                scheduler: Scheduler::new(limits.workers),
+                cpu: CpuPool::new(limits.cpu_workers),
+                calls: Arc::new(Semaphore::new(limits.max_calls)),
+                limits,
+                registry,
+                root: CancellationToken::new(),
+                drain: CancellationToken::new(),
+                sessions: TaskTracker::new(),
+                stats: Counters::default(),
+            }),
+        }
+    }
+
+    /// Admits a new call ending at `deadline`, or refuses it when the daemon is full or shutting down.
+    pub fn open(&self, deadline: Option<Instant>) -> Result<Call, Error> {
+        if self.inner.drain.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let permit = Arc::clone(&self.inner.calls)
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyCalls {
+                limit: self.inner.limits.max_calls,
+            })?;
+        Ok(Call {
+            engine: Arc::clone(&self.inner),
+            permit,
+            deadline,
+        })
+    }
+
+    /// The handlers this engine runs.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The engine's limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            calls_open: get(&c.calls_open),
+            jobs_queued: get(&c.jobs_queued),
+            jobs_running: get(&c.jobs_running),
+            results_buffered: get(&c.results_buffered),
+            jobs_admitted: get(&c.jobs_admitted),
+            finished: std::array::from_fn(|i| get(&c.finished[i])),
+            free_workers: self.inner.scheduler.free() as u64,
+        }
+    }
+
+    /// Starts shutdown: refuse new calls; open calls stop reading and finish the jobs they hold.
+    pub fn drain(&self) {
+        self.inner.drain.cancel();
+    }
+
+    /// Ends shutdown's grace: every job of every call is cancelled now.
+    pub fn cancel_all(&self) {
+        self.inner.drain.cancel();
+        self.inner.root.cancel();
+    }
+
+    /// Waits until no call's session is alive (after [`Engine::drain`], it stays that way).
+    pub async fn wait_idle(&self) {
+        self.inner.sessions.close();
+        self.inner.sessions.wait().await;
+        self.inner.sessions.reopen();
+    }
+}
+
+impl Stats {
+    /// Jobs finished with `outcome` since start.
+    pub fn finished(&self, outcome: Outcome) -> u64 {
+        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.finished[i]
+    }
+}
+
+// === impl Counters ===
+
+impl Counters {
+    fn add(a: &AtomicU64, n: usize) {
+        a.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn sub(a: &AtomicU64, n: usize) {
+        a.fetch_sub(n as u64, Ordering::Relaxed);
+    }
+
+    fn finished(&self, outcome: Outcome) {
+        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.finished[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// === impl Call ===
+
+impl Call {
+    /// Starts the call's session over `inbound` and returns its results.
+    pub fn start<S>(self, inbound: S) -> ResultStream
+    where
+        S: Stream<Item = Result<Command, Error>> + Send + Unpin + 'static,
+    {
+        let token = self.engine.root.child_token();
+        // One message may wait in the channel while the next results coalesce in the session.
+        let (tx, rx) = mpsc::channel(1);
+        let session = Session::new(
+            Arc::clone(&self.engine),
+            token.clone(),
+            inbound,
+            tx,
+            self.deadline,
+            self.permit,
+        );
+        self.engine.sessions.spawn(session.run());
+        ResultStream {
+            rx,
+            _cancel_on_drop: token.drop_guard(),
+        }
+    }
+}
+
+// === impl ResultStream ===
+
+impl Stream for ResultStream {
+    type Item = Result<Vec<JobResult>, Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}

@@ -1,0 +1,119 @@
+//! Jobs and results as the engine sees them, free of protobuf types.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::handlers::Params;
+
+/// A job as the client sent it, before admission.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    /// The client's id; unique among the call's unfinished jobs.
+    pub id: String,
+    /// The handler's name.
+    pub handler: String,
+    /// The handler's input.
+    pub payload: Bytes,
+    /// The handler's params.
+    pub params: Params,
+    /// How long the job may run; `None` means the configured default.
+    pub timeout: Option<Duration>,
+}
+
+/// What a client asks of its call.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Admit and run these jobs.
+    Submit {
+        /// The client's name for the batch.
+        batch_id: Arc<str>,
+        /// The jobs, in order.
+        jobs: Vec<JobRequest>,
+    },
+    /// Stop these jobs of a batch, or all of its unfinished jobs when `job_ids` is empty.
+    Cancel {
+        /// The batch the jobs came in.
+        batch_id: String,
+        /// The jobs to stop.
+        job_ids: Vec<String>,
+    },
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The handler succeeded.
+    Ok,
+    /// The handler failed.
+    Failed,
+    /// Stopped by the client or by shutdown before it finished.
+    Cancelled,
+    /// Ran longer than its timeout.
+    TimedOut,
+    /// Not admitted.
+    Rejected,
+}
+
+/// The one result of a job.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    /// The job's id.
+    pub job_id: String,
+    /// The batch the job came in.
+    pub batch_id: Arc<str>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The handler's output (OK only).
+    pub output: Bytes,
+    /// What went wrong (every outcome but OK).
+    pub error: String,
+    /// Time between admission and start; `None` for rejected jobs.
+    pub queued: Option<Duration>,
+    /// Time the job ran; `None` for rejected jobs.
+    pub ran: Option<Duration>,
+}
+
+impl Outcome {
+    /// Every outcome, for per-outcome counters.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Failed,
+        Outcome::Cancelled,
+        Outcome::TimedOut,
+        Outcome::Rejected,
+    ];
+
+    /// A short lowercase name, for logs and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+impl JobResult {
+    /// A REJECTED result naming the problem.
+    pub(crate) fn rejected(job_id: String, batch_id: Arc<str>, error: String) -> Self {
+        Self {
+            job_id,
+            batch_id,
+            outcome: Outcome::Rejected,
+            output: Bytes::new(),
+            error,
+            queued: None,
+            ran: None,
+        }
+    }
+
+    /// Bytes this result takes on the wire, roughly (for coalescing under the message limit).
+    pub(crate) fn wire_size(&self) -> usize {
+        // Field tags, lengths, outcome and the two durations take well under 64 bytes.
+        64 + self.job_id.len() + self.batch_id.len() + self.output.len() + self.error.len()
+    }
+}

@@ -1,0 +1,282 @@
+//! The global worker pool: a fixed number of slots handed to calls in round-robin order.
+//!
+//! Each call owns a [`Lane`]. A lane asks for as many slots as it has queued jobs; when a slot frees,
+//! the scheduler gives it to the next lane in the ring, so a call with 100,000 queued jobs gets one slot
+//! per turn like a call with 20. Dropping a lane returns every slot it held or was granted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+/// Shared state of the worker pool.
+#[derive(Debug)]
+pub(crate) struct Scheduler {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Slots nobody asked for. Invariant: `free > 0` only when no lane wants a slot.
+    free: usize,
+    /// Lanes waiting for a slot, in turn order; each lane appears at most once.
+    ring: VecDeque<u64>,
+    lanes: HashMap<u64, LaneState>,
+    next_id: u64,
+}
+
+#[derive(Debug, Default)]
+struct LaneState {
+    /// Slots asked for and not granted yet.
+    wants: usize,
+    /// Slots granted and not taken by the lane's owner yet.
+    granted: usize,
+    in_ring: bool,
+    waker: Option<Waker>,
+}
+
+/// One call's claim on the worker pool; dropping it gives every slot back.
+#[derive(Debug)]
+pub(crate) struct Lane {
+    scheduler: Arc<Scheduler>,
+    id: u64,
+    /// Slots taken by the owner and not released yet.
+    held: usize,
+}
+
+// === impl Scheduler ===
+
+impl Scheduler {
+    /// A pool of `slots` workers.
+    pub(crate) fn new(slots: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                free: slots,
+                ring: VecDeque::new(),
+                lanes: HashMap::new(),
+                next_id: 0,
+            }),
+        })
+    }
+
+    /// A new lane with no claim yet.
+    pub(crate) fn lane(self: &Arc<Self>) -> Lane {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.lanes.insert(id, LaneState::default());
+        Lane {
+            scheduler: Arc::clone(self),
+            id,
+            held: 0,
+        }
+    }
+
+    /// Slots currently free (for tests and stats).
+    pub(crate) fn free(&self) -> usize {
+        self.lock().free
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent between statements, so a panic elsewhere cannot corrupt it.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// Hands `n` freed slots to waiting lanes in turn; returns the wakers to call after unlocking.
+    fn give(&mut self, mut n: usize, wake: &mut Vec<Waker>) {
+        while n > 0 {
+            let Some(id) = self.ring.pop_front() else {
+                self.free += n;
+                return;
+            };
+            let Some(lane) = self.lanes.get_mut(&id) else {
+                continue; // dropped lane: its entry is skipped lazily
+            };
+            if lane.wants == 0 {
+                lane.in_ring = false;
+                continue;
+            }
+            lane.wants -= 1;
+            lane.granted += 1;
+            n -= 1;
+            if let Some(w) = lane.waker.take() {
+                wake.push(w);
+            }
+            if lane.wants > 0 {
+                self.ring.push_back(id);
+            } else {
+                lane.in_ring = false;
+            }
+        }
+    }
+}
+
+// === impl Lane ===
+
+impl Lane {
+    /// Asks for `n` more slots.
+    pub(crate) fn want(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut state = self.scheduler.lock();
+        let state = &mut *state;
+        let now = n.min(state.free);
+        state.free -= now;
+        if let Some(lane) = state.lanes.get_mut(&self.id) {
+            lane.granted += now;
+            lane.wants += n - now;
+            if lane.wants > 0 && !lane.in_ring {
+                lane.in_ring = true;
+                state.ring.push_back(self.id);
+            }
+        }
+    }
+
+    /// Withdraws up to `n` slots asked for and not granted yet (their jobs were cancelled).
+    pub(crate) fn unwant(&mut self, n: usize) {
+        let mut state = self.scheduler.lock();
+        if let Some(lane) = state.lanes.get_mut(&self.id) {
+            lane.wants -= n.min(lane.wants);
+        }
+    }
+
+    /// Takes the slots granted so far, or registers to be woken when one is.
+    pub(crate) fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        let mut state = self.scheduler.lock();
+        let Some(lane) = state.lanes.get_mut(&self.id) else {
+            return Poll::Pending;
+        };
+        if lane.granted > 0 {
+            let n = std::mem::take(&mut lane.granted);
+            self.held += n;
+            return Poll::Ready(n);
+        }
+        match &lane.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => lane.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Takes the slots granted so far without waiting.
+    #[cfg(test)]
+    pub(crate) fn take(&mut self) -> usize {
+        let mut state = self.scheduler.lock();
+        let n = state
+            .lanes
+            .get_mut(&self.id)
+            .map_or(0, |lane| std::mem::take(&mut lane.granted));
+        self.held += n;
+        n
+    }
+
+    /// Gives back `n` slots taken earlier.
+    pub(crate) fn release(&mut self, n: usize) {
+        let n = n.min(self.held);
+        if n == 0 {
+            return;
+        }
+        self.held -= n;
+        let mut wake = Vec::new();
+        self.scheduler.lock().give(n, &mut wake);
+        wake.into_iter().for_each(Waker::wake);
+    }
+
+    /// Gives back every slot taken or granted and withdraws every claim.
+    pub(crate) fn release_all(&mut self) {
+        let mut wake = Vec::new();
+        {
+            let mut state = self.scheduler.lock();
+            let granted = state.lanes.get_mut(&self.id).map_or(0, |l| {
+                l.wants = 0;
+                std::mem::take(&mut l.granted)
+            });
+            state.give(std::mem::take(&mut self.held) + granted, &mut wake);
+        }
+        wake.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let mut wake = Vec::new();
+        {
+            let mut state = self.scheduler.lock();
+            let granted = state.lanes.remove(&self.id).map_or(0, |l| l.granted);
+            state.give(self.held + granted, &mut wake);
+        }
+        wake.into_iter().for_each(Waker::wake);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noop() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[test]
+    fn grants_up_to_the_free_slots_then_queues() {
+        let s = Scheduler::new(2);
+        let mut a = s.lane();
+        a.want(5);
+        assert_eq!(a.take(), 2);
+        assert_eq!(s.free(), 0);
+        a.release(1);
+        assert_eq!(a.take(), 1, "a freed slot goes to the lane still waiting");
+    }
+
+    #[test]
+    fn freed_slots_go_round_robin() {
+        let s = Scheduler::new(1);
+        let mut greedy = s.lane();
+        let mut small = s.lane();
+        greedy.want(100);
+        assert_eq!(greedy.take(), 1);
+        small.want(2);
+        greedy.release(1);
+        assert_eq!(
+            small.take(),
+            1,
+            "the waiting lane gets its turn before the greedy one"
+        );
+        assert_eq!(greedy.take(), 0);
+        small.release(1);
+        assert_eq!(greedy.take(), 1);
+        greedy.release(1);
+        assert_eq!(small.take(), 1);
+    }
+
+    #[test]
+    fn dropping_a_lane_returns_held_and_granted_slots() {
+        let s = Scheduler::new(3);
+        let mut a = s.lane();
+        a.want(3);
+        assert_eq!(a.poll_take(&mut noop()), Poll::Ready(3));
+        let mut b = s.lane();
+        b.want(1);
+        a.release(1); // granted to b, not taken yet
+        drop(b);
+        assert_eq!(s.free(), 1, "b's untaken grant came back");
+        drop(a);
+        assert_eq!(s.free(), 3);
+    }
+
+    #[test]
+    fn unwant_withdraws_queued_claims() {
+        let s = Scheduler::new(1);
+        let mut a = s.lane();
+        let mut b = s.lane();
+        a.want(1);
+        assert_eq!(a.take(), 1);
+        b.want(1);
+        b.unwant(1);
+        a.release(1);
+        assert_eq!(b.take(), 0);
+        assert_eq!(s.free(), 1, "nobody wanted the slot, so it is free again");
+    }
+}

@@ -1,0 +1,562 @@
+//! One call's session: admits its jobs within the window, runs them on granted slots, sends results.
+//!
+//! The session is a single task that owns everything of the call: the queue, the running job futures,
+//! the results not yet sent and the call's claim on the worker pool. When the call's token is cancelled
+//! the task returns and drops all of it; there is nothing else to clean up.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use super::job::{Command, JobRequest, JobResult, Outcome};
+use super::scheduler::Lane;
+use super::{Counters, Inner, MAX_RESPONSE_BYTES};
+use crate::error::Error;
+use crate::handlers::{Handler, JobContext, JobInput, Params};
+
+/// How long a session cut off by shutdown tries to hand over its last results.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+type Outbox = mpsc::Sender<Result<Vec<JobResult>, Error>>;
+type JobFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
+
+/// The state of one call.
+pub(super) struct Session<S> {
+    engine: Arc<Inner>,
+    token: CancellationToken,
+    inbound: S,
+    /// Still reading the inbound stream (false after half-close, drain or an error).
+    reading: bool,
+    half_closed: bool,
+    /// The rest of a batch not admitted yet because the window was full.
+    pending: Option<(Arc<str>, std::vec::IntoIter<JobRequest>)>,
+    /// Admitted jobs waiting for a slot, in order; entries of cancelled jobs are skipped.
+    queue: VecDeque<Queued>,
+    stale: usize,
+    /// Every unfinished job by id.
+    jobs: HashMap<String, Slot>,
+    running: FuturesUnordered<JobFuture>,
+    /// Results waiting for the transport.
+    ready: VecDeque<JobResult>,
+    out: Outbox,
+    deadline: Option<Instant>,
+    lane: Lane,
+    next_seq: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Queued {
+    seq: u64,
+    id: String,
+    handler: Arc<dyn Handler>,
+    payload: Bytes,
+    params: Params,
+    timeout: Duration,
+}
+
+struct Slot {
+    seq: u64,
+    batch_id: Arc<str>,
+    admitted: Instant,
+    /// The job's token once it runs.
+    running: Option<(CancellationToken, Instant)>,
+}
+
+/// What a job future returns.
+struct Finished {
+    id: String,
+    outcome: Outcome,
+    output: Bytes,
+    error: String,
+}
+
+/// How the call ends.
+enum End {
+    /// Every job is done and the client half-closed: the stream ends with OK.
+    Ok,
+    /// The stream ends with this status.
+    Status(Error),
+    /// The client is gone; nobody is listening.
+    Gone,
+}
+
+impl<S> Session<S>
+where
+    S: Stream<Item = Result<Command, Error>> + Send + Unpin + 'static,
+{
+    pub(super) fn new(
+        engine: Arc<Inner>,
+        token: CancellationToken,
+        inbound: S,
+        out: Outbox,
+        deadline: Option<Instant>,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        engine.stats.calls_open.fetch_add(1, Ordering::Relaxed);
+        let lane = engine.scheduler.lane();
+        Self {
+            engine,
+            token,
+            inbound,
+            reading: true,
+            half_closed: false,
+            pending: None,
+            queue: VecDeque::new(),
+            stale: 0,
+            jobs: HashMap::new(),
+            running: FuturesUnordered::new(),
+            ready: VecDeque::new(),
+            out,
+            deadline,
+            lane,
+            next_seq: 0,
+            _permit: permit,
+        }
+    }
+
+    /// Runs the call to its end.
+    pub(super) async fn run(mut self) {
+        match self.drive().await {
+            End::Ok | End::Gone => {}
+            End::Status(e) => {
+                tracing::debug!(error = %e, "call ended");
+                self.stop_all();
+                let _ = tokio::time::timeout(FINAL_FLUSH, self.out.send(Err(e))).await;
+            }
+        }
+    }
+
+    async fn drive(&mut self) -> End {
+        let cancelled = self.token.clone().cancelled_owned();
+        let draining = self.engine.drain.clone().cancelled_owned();
+        let at = self.deadline;
+        let deadline = async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(cancelled, draining, deadline);
+        // A second handle, so that a reserved permit does not borrow `self`.
+        let out = self.out.clone();
+        loop {
+            if let Err(e) = self.admit_pending() {
+                return End::Status(e);
+            }
+            if !self.reading
+                && self.pending.is_none()
+                && self.jobs.is_empty()
+                && self.ready.is_empty()
+            {
+                return if self.half_closed {
+                    End::Ok
+                } else {
+                    End::Status(Error::ShuttingDown)
+                };
+            }
+            let can_read = self.reading && self.pending.is_none() && self.held() < self.window();
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => return self.cancelled().await,
+                _ = &mut deadline => return End::Status(Error::DeadlineExceeded),
+                _ = &mut draining, if self.reading => self.reading = false,
+                Some(done) = self.running.next(), if !self.running.is_empty() => self.finished_all(done),
+                n = poll_fn(|cx| self.lane.poll_take(cx)), if !self.queue.is_empty() => self.start(n),
+                permit = out.reserve(), if !self.ready.is_empty() => match permit {
+                    Ok(permit) => permit.send(Ok(self.take_ready())),
+                    Err(_) => return End::Gone,
+                },
+                msg = self.inbound.next(), if can_read => match msg {
+                    None => {
+                        self.reading = false;
+                        self.half_closed = true;
+                    }
+                    Some(Ok(cmd)) => {
+                        if let Err(e) = self.command(cmd) {
+                            return End::Status(e);
+                        }
+                    }
+                    Some(Err(e)) => return End::Status(e),
+                },
+            }
+        }
+    }
+
+    fn window(&self) -> usize {
+        self.engine.limits.session_window
+    }
+
+    /// Jobs admitted and not finished, plus results not handed to the transport.
+    fn held(&self) -> usize {
+        self.jobs.len() + self.ready.len()
+    }
+
+    fn command(&mut self, cmd: Command) -> Result<(), Error> {
+        match cmd {
+            Command::Submit { batch_id, jobs } => {
+                let limit = self.engine.limits.max_jobs_per_batch;
+                if jobs.len() > limit {
+                    return Err(Error::InvalidArgument(format!(
+                        "batch {batch_id:?} has {} jobs, over max_jobs_per_batch ({limit})",
+                        jobs.len()
+                    )));
+                }
+                self.pending = Some((batch_id, jobs.into_iter()));
+            }
+            Command::Cancel { batch_id, job_ids } => {
+                let ids: Vec<String> = if job_ids.is_empty() {
+                    self.jobs
+                        .iter()
+                        .filter(|(_, s)| *s.batch_id == *batch_id)
+                        .map(|(id, _)| id.clone())
+                        .collect()
+                } else {
+                    job_ids
+                };
+                for id in ids {
+                    self.cancel(&id, &batch_id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits jobs of the pending batch while the window has room.
+    fn admit_pending(&mut self) -> Result<(), Error> {
+        let Some((batch_id, mut jobs)) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut admitted = 0;
+        while self.held() < self.window() {
+            let Some(job) = jobs.next() else {
+                break;
+            };
+            admitted += usize::from(self.admit(&batch_id, job));
+        }
+        if jobs.len() > 0 {
+            self.pending = Some((batch_id, jobs));
+        }
+        self.lane.want(admitted);
+        Ok(())
+    }
+
+    /// Admits one job, or puts its REJECTED result in the outbox. Returns whether it was admitted.
+    fn admit(&mut self, batch_id: &Arc<str>, job: JobRequest) -> bool {
+        match self.check(&job) {
+            Err(reason) => {
+                self.push_ready(JobResult::rejected(job.id, Arc::clone(batch_id), reason));
+                false
+            }
+            Ok((handler, timeout)) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.jobs.insert(
+                    job.id.clone(),
+                    Slot {
+                        seq,
+                        batch_id: Arc::clone(batch_id),
+                        admitted: Instant::now(),
+                        running: None,
+                    },
+                );
+                self.queue.push_back(Queued {
+                    seq,
+                    id: job.id,
+                    handler,
+                    payload: job.payload,
+                    params: job.params,
+                    timeout,
+                });
+                let stats = &self.engine.stats;
+                Counters::add(&stats.jobs_admitted, 1);
+                Counters::add(&stats.jobs_queued, 1);
+                true
+            }
+        }
+    }
+
+    /// Why the job cannot be admitted, or its handler and timeout.
+    fn check(&self, job: &JobRequest) -> Result<(Arc<dyn Handler>, Duration), String> {
+        let limits = &self.engine.limits;
+        if job.id.is_empty() {
+            return Err("job id is empty".into());
+        }
+        if self.jobs.contains_key(&job.id) {
+            return Err(format!(
+                "job id {:?} is already used by an unfinished job of this call",
+                job.id
+            ));
+        }
+        let Some(handler) = self.engine.registry.get(&job.handler) else {
+            return Err(format!(
+                "unknown handler {:?} (ListHandlers names the known ones)",
+                job.handler
+            ));
+        };
+        if job.payload.len() > limits.max_payload {
+            return Err(format!(
+                "payload of {} bytes is over max_payload ({} bytes)",
+                job.payload.len(),
+                limits.max_payload
+            ));
+        }
+        let timeout = match job.timeout {
+            None => limits.default_job_timeout,
+            Some(t) if t.is_zero() => return Err("timeout must be positive".into()),
+            Some(t) => t.min(limits.max_job_timeout),
+        };
+        handler
+            .check(&job.params)
+            .map_err(|e| format!("bad params for handler {:?}: {e}", job.handler))?;
+        Ok((Arc::clone(handler), timeout))
+    }
+
+    /// Starts up to `n` queued jobs on freshly granted slots; gives back the slots it cannot use.
+    fn start(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            let live = self
+                .jobs
+                .get(&q.id)
+                .is_some_and(|s| s.seq == q.seq && s.running.is_none());
+            if !live {
+                self.stale = self.stale.saturating_sub(1);
+                continue;
+            }
+            n -= 1;
+            self.launch(q);
+        }
+        self.lane.release(n);
+    }
+
+    fn launch(&mut self, q: Queued) {
+        let cancel = CancellationToken::new();
+        let now = Instant::now();
+        if let Some(slot) = self.jobs.get_mut(&q.id) {
+            slot.running = Some((cancel.clone(), now));
+        }
+        let stats = &self.engine.stats;
+        Counters::sub(&stats.jobs_queued, 1);
+        Counters::add(&stats.jobs_running, 1);
+        let ctx = JobContext::new(cancel.clone(), self.engine.cpu.clone());
+        let max_output = self.engine.limits.max_output;
+        let Queued {
+            id,
+            handler,
+            payload,
+            params,
+            timeout,
+            ..
+        } = q;
+        self.running.push(Box::pin(async move {
+            // Dropping this future (the call went away) cancels the token blocking work watches.
+            let _stop_on_drop = cancel.clone().drop_guard();
+            let work = handler.run(JobInput { payload, params }, ctx);
+            let res = tokio::select! {
+                biased;
+                r = tokio::time::timeout(timeout, work) => Some(r),
+                _ = cancel.cancelled() => None,
+            };
+            let (outcome, output, error) = match res {
+                None => (
+                    Outcome::Cancelled,
+                    Bytes::new(),
+                    "cancelled by CancelJobs".into(),
+                ),
+                Some(Err(_)) => (
+                    Outcome::TimedOut,
+                    Bytes::new(),
+                    format!("timed out after {}", humantime::format_duration(timeout)),
+                ),
+                Some(Ok(Ok(out))) if out.len() > max_output => (
+                    Outcome::Failed,
+                    Bytes::new(),
+                    format!(
+                        "output of {} bytes is over max_output ({max_output} bytes)",
+                        out.len()
+                    ),
+                ),
+                Some(Ok(Ok(out))) => (Outcome::Ok, out, String::new()),
+                Some(Ok(Err(_))) if cancel.is_cancelled() => (
+                    Outcome::Cancelled,
+                    Bytes::new(),
+                    "cancelled by CancelJobs".into(),
+                ),
+                Some(Ok(Err(e))) => (Outcome::Failed, Bytes::new(), e.0),
+            };
+            Finished {
+                id,
+                outcome,
+                output,
+                error,
+            }
+        }));
+    }
+
+    /// Records `first` and every other job that has already finished, so their results coalesce.
+    fn finished_all(&mut self, first: Finished) {
+        self.finished(first);
+        while let Some(Some(done)) = self.running.next().now_or_never() {
+            self.finished(done);
+        }
+    }
+
+    fn finished(&mut self, done: Finished) {
+        let Some(slot) = self.jobs.remove(&done.id) else {
+            return;
+        };
+        let stats = &self.engine.stats;
+        Counters::sub(&stats.jobs_running, 1);
+        self.lane.release(1);
+        let now = Instant::now();
+        let started = slot.running.map_or(now, |(_, at)| at);
+        self.push_ready(JobResult {
+            job_id: done.id,
+            batch_id: slot.batch_id,
+            outcome: done.outcome,
+            output: done.output,
+            error: done.error,
+            queued: Some(started - slot.admitted),
+            ran: Some(now - started),
+        });
+    }
+
+    /// Cancels one unfinished job of `batch_id`: a queued one ends now, a running one is signalled.
+    fn cancel(&mut self, id: &str, batch_id: &str) {
+        let Some(slot) = self.jobs.get(id) else {
+            return;
+        };
+        if *slot.batch_id != *batch_id {
+            return;
+        }
+        if let Some((token, _)) = &slot.running {
+            token.cancel();
+            return;
+        }
+        let Some((id, slot)) = self.jobs.remove_entry(id) else {
+            return;
+        };
+        Counters::sub(&self.engine.stats.jobs_queued, 1);
+        self.lane.unwant(1);
+        self.stale += 1;
+        if self.stale > 64 && self.stale > self.queue.len() / 2 {
+            let jobs = &self.jobs;
+            self.queue
+                .retain(|q| jobs.get(&q.id).is_some_and(|s| s.seq == q.seq));
+            self.stale = 0;
+        }
+        self.push_ready(JobResult {
+            job_id: id,
+            batch_id: slot.batch_id,
+            outcome: Outcome::Cancelled,
+            output: Bytes::new(),
+            error: "cancelled by CancelJobs before it started".into(),
+            queued: Some(slot.admitted.elapsed()),
+            ran: Some(Duration::ZERO),
+        });
+    }
+
+    fn push_ready(&mut self, result: JobResult) {
+        let stats = &self.engine.stats;
+        stats.finished(result.outcome);
+        Counters::add(&stats.results_buffered, 1);
+        self.ready.push_back(result);
+    }
+
+    /// The results that fit in one response (at least one).
+    fn take_ready(&mut self) -> Vec<JobResult> {
+        let mut size = 0;
+        let mut n = 0;
+        for r in &self.ready {
+            size += r.wire_size();
+            if n > 0 && size > MAX_RESPONSE_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        Counters::sub(&self.engine.stats.results_buffered, n);
+        self.ready.drain(..n).collect()
+    }
+
+    /// Drops every job of the call at once and gives back its worker slots.
+    fn stop_all(&mut self) {
+        self.running.clear();
+        self.queue.clear();
+        let stats = &self.engine.stats;
+        let running = self.jobs.values().filter(|s| s.running.is_some()).count();
+        Counters::sub(&stats.jobs_running, running);
+        Counters::sub(&stats.jobs_queued, self.jobs.len() - running);
+        self.jobs.clear();
+        self.pending = None;
+        self.lane.release_all();
+    }
+
+    /// The call's token fired: either the client went away or shutdown's grace period is over.
+    async fn cancelled(&mut self) -> End {
+        if !self.engine.root.is_cancelled() {
+            return End::Gone;
+        }
+        // Shutdown: stop every job, tell the client which ones, then end with UNAVAILABLE.
+        self.running.clear();
+        self.lane.release_all();
+        let now = Instant::now();
+        let jobs: Vec<_> = self.jobs.drain().collect();
+        let engine = Arc::clone(&self.engine);
+        let stats = &engine.stats;
+        for (id, slot) in jobs {
+            let (queued, ran) = match slot.running {
+                Some((_, started)) => {
+                    Counters::sub(&stats.jobs_running, 1);
+                    (started - slot.admitted, now - started)
+                }
+                None => {
+                    Counters::sub(&stats.jobs_queued, 1);
+                    (now - slot.admitted, Duration::ZERO)
+                }
+            };
+            self.push_ready(JobResult {
+                job_id: id,
+                batch_id: slot.batch_id,
+                outcome: Outcome::Cancelled,
+                output: Bytes::new(),
+                error: "batchd shut down before the job finished".into(),
+                queued: Some(queued),
+                ran: Some(ran),
+            });
+        }
+        self.stop_all();
+        let flush = async {
+            while !self.ready.is_empty() {
+                let batch = self.take_ready();
+                if self.out.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(FINAL_FLUSH, flush).await;
+        End::Status(Error::ShuttingDown)
+    }
+}
+
+impl<S> Drop for Session<S> {
+    fn drop(&mut self) {
+        // Gauges follow what the session still held when it ended, whatever the reason.
+        let stats = &self.engine.stats;
+        let running = self.jobs.values().filter(|s| s.running.is_some()).count();
+        Counters::sub(&stats.jobs_running, running);
+        Counters::sub(&stats.jobs_queued, self.jobs.len() - running);
+        Counters::sub(&stats.results_buffered, self.ready.len());
+        Counters::sub(&stats.calls_open, 1);
+    }
+}

@@ -1,0 +1,128 @@
+//! The `Handler` trait that runs one job, and the registry that names handlers for clients.
+
+mod builtin;
+mod cpu;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+pub use builtin::{Echo, Sha256, Sleep, Spin};
+pub use cpu::CpuPool;
+
+/// A job's parameters, as sent by the client.
+pub type Params = HashMap<String, String>;
+
+/// What a handler receives: the job's payload and params.
+#[derive(Debug, Clone)]
+pub struct JobInput {
+    /// The job's input bytes.
+    pub payload: Bytes,
+    /// The job's parameters, already accepted by [`Handler::check`].
+    pub params: Params,
+}
+
+/// What a running job may use besides its input: its cancellation signal and the CPU pool.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    cancel: CancellationToken,
+    cpu: CpuPool,
+}
+
+/// Why a handler failed; the message becomes the job's `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HandlerError(pub String);
+
+/// Runs jobs of one kind. Implement it to embed batchd with your own work.
+///
+/// A handler must stop promptly once the job is cancelled: its future is dropped when the job is
+/// cancelled, times out, or its call goes away, and blocking work started through
+/// [`JobContext::run_cpu`] is asked to stop through its token.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// One line for `ListHandlers`: what it does, its params and its output.
+    fn description(&self) -> &str;
+
+    /// Checks the params before the job is admitted; an `Err` makes the job REJECTED with that message.
+    fn check(&self, _params: &Params) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs the job to completion.
+    async fn run(&self, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError>;
+}
+
+/// Handlers by the name jobs use, so the daemon can look them up and list them.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+// === impl JobContext ===
+
+impl JobContext {
+    /// A context for a job that stops when `cancel` fires.
+    pub fn new(cancel: CancellationToken, cpu: CpuPool) -> Self {
+        Self { cancel, cpu }
+    }
+
+    /// The job's cancellation signal.
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Runs CPU-bound `work` on the bounded CPU pool, so it never stalls the async runtime.
+    ///
+    /// `work` receives the job's token and must return soon after it is cancelled.
+    pub async fn run_cpu<F, R>(&self, work: F) -> Result<R, HandlerError>
+    where
+        F: FnOnce(&CancellationToken) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.cpu.run(self.cancel.clone(), work).await
+    }
+}
+
+// === impl Registry ===
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The built-in handlers: `echo`, `sleep`, `sha256`, `spin`.
+    pub fn builtin() -> Self {
+        let mut r = Self::new();
+        r.register("echo", Echo);
+        r.register("sleep", Sleep);
+        r.register("sha256", Sha256);
+        r.register("spin", Spin);
+        r
+    }
+
+    /// Adds (or replaces) the handler jobs reach by `name`.
+    pub fn register(&mut self, name: impl Into<String>, handler: impl Handler) -> &mut Self {
+        self.handlers.insert(name.into(), Arc::new(handler));
+        self
+    }
+
+    /// The handler named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Handler>> {
+        self.handlers.get(name)
+    }
+
+    /// Every handler with its name, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &dyn Handler)> {
+        self.handlers.iter().map(|(n, h)| (n.as_str(), h.as_ref()))
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.handlers.keys()).finish()
+    }
+}

@@ -1,0 +1,119 @@
+//! Runs the daemon: the gRPC server with its limits, health, reflection and shutdown with a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::engine::{Engine, Limits};
+use crate::error::Error;
+use crate::handlers::Registry;
+use crate::proto::{batch_service_server::BatchServiceServer, FILE_DESCRIPTOR_SET};
+use crate::service::Service;
+
+/// How long, after the grace period, calls get to deliver their last results and close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The daemon, built from a config and the handlers it runs.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+    engine: Engine,
+}
+
+impl Server {
+    /// A daemon with `config`'s limits running `registry`'s handlers.
+    pub fn new(config: Config, registry: Registry) -> Self {
+        let engine = Engine::new(Limits::from(&config), registry);
+        Self { config, engine }
+    }
+
+    /// The engine, for its live counters.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then shuts down within `shutdown_grace`.
+    ///
+    /// Shutdown: health turns NOT_SERVING, new calls are refused, open calls stop reading and finish
+    /// their jobs; when the grace period ends, every job still unfinished is cancelled.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let Self { config, engine } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<BatchServiceServer<Service>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let max_message = config.max_message_size.as_usize();
+        let service = BatchServiceServer::new(Service::new(engine.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message.max(config.max_output.as_usize() + 64 * 1024));
+        let keepalive = (!config.keepalive_interval.is_zero()).then_some(config.keepalive_interval);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let stop_accepting = CancellationToken::new();
+
+        tracing::info!(addr = %config.listen, workers = config.workers, "serving");
+        let serve = tonic::transport::Server::builder()
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .max_concurrent_streams(Some(config.max_concurrent_streams))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+        tokio::pin!(serve);
+
+        tokio::select! {
+            res = &mut serve => return res.map_err(Error::from),
+            () = shutdown => {}
+        }
+
+        let stats = engine.stats();
+        tracing::info!(
+            calls = stats.calls_open,
+            running = stats.jobs_running,
+            queued = stats.jobs_queued,
+            grace = %humantime::format_duration(config.shutdown_grace),
+            "shutting down"
+        );
+        health
+            .set_not_serving::<BatchServiceServer<Service>>()
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        engine.drain();
+        stop_accepting.cancel();
+
+        if tokio::time::timeout(config.shutdown_grace, engine.wait_idle())
+            .await
+            .is_err()
+        {
+            let stats = engine.stats();
+            tracing::warn!(
+                calls = stats.calls_open,
+                running = stats.jobs_running,
+                queued = stats.jobs_queued,
+                "grace period over; cancelling unfinished jobs"
+            );
+            engine.cancel_all();
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, engine.wait_idle()).await;
+        }
+        // Every call has ended (or was cut off); give the transport a moment to send the trailers.
+        match tokio::time::timeout(CLOSE_TIMEOUT, serve).await {
+            Ok(res) => res?,
+            Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! The `BatchService` gRPC service: converts proto ⇄ domain and hands each call to the engine.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Command, Engine, JobRequest, JobResult, Outcome, ResultStream};
+use crate::error::Error;
+use crate::proto::{self, batch_service_server::BatchService, process_request::Kind};
+
+/// The stream of responses of one call.
+pub type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<proto::ProcessResponse, Status>> + Send>>;
+
+/// Serves `batchd.v1.BatchService` on top of an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct Service {
+    engine: Engine,
+}
+
+impl Service {
+    /// A service running its calls on `engine`.
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl BatchService for Service {
+    type ProcessStream = ResponseStream;
+    type RunBatchStream = ResponseStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<proto::ProcessRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let call = self.engine.open(deadline(request.metadata()))?;
+        let inbound = request
+            .into_inner()
+            .map(|msg| msg.map_err(Error::from).and_then(command));
+        Ok(Response::new(respond(call.start(inbound))))
+    }
+
+    async fn run_batch(
+        &self,
+        request: Request<proto::JobBatch>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let call = self.engine.open(deadline(request.metadata()))?;
+        let inbound = futures_util::stream::iter([Ok(submit(request.into_inner()))]);
+        Ok(Response::new(respond(call.start(inbound))))
+    }
+
+    async fn list_handlers(
+        &self,
+        _request: Request<proto::ListHandlersRequest>,
+    ) -> Result<Response<proto::ListHandlersResponse>, Status> {
+        let handlers = self
+            .engine
+            .registry()
+            .iter()
+            .map(|(name, h)| proto::HandlerInfo {
+                name: name.to_owned(),
+                description: h.description().to_owned(),
+            })
+            .collect();
+        Ok(Response::new(proto::ListHandlersResponse { handlers }))
+    }
+}
+
+fn respond(results: ResultStream) -> ResponseStream {
+    Box::pin(results.map(|r| {
+        r.map(|results| proto::ProcessResponse {
+            results: results.into_iter().map(to_proto).collect(),
+        })
+        .map_err(Status::from)
+    }))
+}
+
+fn command(msg: proto::ProcessRequest) -> Result<Command, Error> {
+    match msg.kind {
+        Some(Kind::Batch(batch)) => Ok(submit(batch)),
+        Some(Kind::Cancel(c)) => Ok(Command::Cancel {
+            batch_id: c.batch_id,
+            job_ids: c.job_ids,
+        }),
+        None => Err(Error::InvalidArgument(
+            "ProcessRequest carries neither a batch nor a cancel".into(),
+        )),
+    }
+}
+
+fn submit(batch: proto::JobBatch) -> Command {
+    Command::Submit {
+        batch_id: Arc::from(batch.batch_id),
+        jobs: batch
+            .jobs
+            .into_iter()
+            .map(|j| JobRequest {
+                id: j.id,
+                handler: j.handler,
+                payload: j.payload,
+                params: j.params,
+                // A negative or unrepresentable timeout becomes zero, which admission rejects.
+                timeout: j
+                    .timeout
+                    .map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO)),
+            })
+            .collect(),
+    }
+}
+
+fn to_proto(r: JobResult) -> proto::JobResult {
+    let outcome = match r.outcome {
+        Outcome::Ok => proto::Outcome::Ok,
+        Outcome::Failed => proto::Outcome::Failed,
+        Outcome::Cancelled => proto::Outcome::Cancelled,
+        Outcome::TimedOut => proto::Outcome::TimedOut,
+        Outcome::Rejected => proto::Outcome::Rejected,
+    };
+    let duration = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
+    proto::JobResult {
+        job_id: r.job_id,
+        batch_id: r.batch_id.to_string(),
+        outcome: outcome as i32,
+        output: r.output,
+        error: r.error,
+        queued: duration(r.queued),
+        ran: duration(r.ran),
+    }
+}
+
+/// The call's deadline from its `grpc-timeout` header, if it has a valid one.
+fn deadline(metadata: &MetadataMap) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    Instant::now().checked_add(parse_grpc_timeout(value)?)
+}
+
+/// Parses a gRPC timeout: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = (value.get(..split)?, value.get(split..)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "5", "5x", "123456789S", "-1S", "1.5S", "5é"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+}

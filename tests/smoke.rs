@@ -1,0 +1,32 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+
+use std::time::Duration;
+
+use batchd::proto::Outcome;
+use support::*;
+
+#[tokio::test]
+async fn echo_round_trip_and_half_close() {
+    let server = TestServer::start(|_| {});
+    let mut client = server.client().await;
+    let mut call = OpenCall::open(&mut client).await;
+    let jobs = (0..100)
+        .map(|i| job(&format!("j{i}"), "echo", format!("p{i}").as_bytes(), &[]))
+        .collect();
+    call.send(batch("b", jobs)).await;
+    call.half_close();
+    let (results, status) = call.finish().await;
+    status.unwrap();
+    let results = by_id(results);
+    assert_eq!(results.len(), 100);
+    for i in 0..100 {
+        let r = &results[&format!("j{i}")];
+        assert_eq!(outcome(r), Outcome::Ok);
+        assert_eq!(&r.output[..], format!("p{i}").as_bytes());
+    }
+    wait_until("the call is gone", Duration::from_secs(5), || {
+        server.stats().calls_open == 0
+    })
+    .await;
+}

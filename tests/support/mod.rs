@@ -1,0 +1,231 @@
+//! Starts a real batchd server on 127.0.0.1:0 in its own runtime and connects real tonic clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use batchd::config::Config;
+use batchd::engine::Stats;
+use batchd::proto::batch_service_client::BatchServiceClient;
+use batchd::proto::{self, process_request::Kind};
+use batchd::{Engine, Registry, Server};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// A daemon running on its own multi-thread runtime, so its task count is its own.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    /// The server runtime's handle, for `metrics().num_alive_tasks()`.
+    pub runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<Result<(), batchd::Error>>>,
+}
+
+impl TestServer {
+    /// A server with the default config changed by `edit` (listen address is always 127.0.0.1:0).
+    pub fn start(edit: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with(edit, Registry::builtin())
+    }
+
+    /// Like [`TestServer::start`] with a custom registry.
+    pub fn start_with(edit: impl FnOnce(&mut Config), registry: Registry) -> Self {
+        let mut config = Config::default();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        edit(&mut config);
+        config.validate().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let listener = std::net::TcpListener::bind(config.listen).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        config.listen = addr;
+        let server = Server::new(config, registry);
+        let engine = server.engine().clone();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let res = runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                server.serve(listener, stop.cancelled_owned()).await
+            });
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            res
+        });
+        Self {
+            addr,
+            engine,
+            runtime: handle,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A new client on a new connection.
+    pub async fn client(&self) -> BatchServiceClient<Channel> {
+        BatchServiceClient::connect(self.url()).await.unwrap()
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.engine.stats()
+    }
+
+    pub fn alive_tasks(&self) -> usize {
+        self.runtime.metrics().num_alive_tasks()
+    }
+
+    /// Starts graceful shutdown (like SIGTERM).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Starts shutdown and waits for `serve` to return.
+    pub fn stop(mut self) -> Result<(), batchd::Error> {
+        self.shutdown.cancel();
+        self.thread.take().unwrap().join().unwrap()
+    }
+
+    /// Waits, off the async runtime, for `serve` to return after [`TestServer::begin_shutdown`].
+    pub async fn join(mut self) -> Result<(), batchd::Error> {
+        let thread = self.thread.take().unwrap();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.engine.cancel_all();
+    }
+}
+
+/// Polls `cond` every 2 ms until it holds, or panics with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A job for `handler` with `params`.
+pub fn job(id: &str, handler: &str, payload: &[u8], params: &[(&str, &str)]) -> proto::Job {
+    proto::Job {
+        id: id.into(),
+        handler: handler.into(),
+        payload: payload.to_vec().into(),
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        timeout: None,
+    }
+}
+
+pub fn batch(batch_id: &str, jobs: Vec<proto::Job>) -> proto::ProcessRequest {
+    proto::ProcessRequest {
+        kind: Some(Kind::Batch(proto::JobBatch {
+            batch_id: batch_id.into(),
+            jobs,
+        })),
+    }
+}
+
+pub fn cancel(batch_id: &str, job_ids: &[&str]) -> proto::ProcessRequest {
+    proto::ProcessRequest {
+        kind: Some(Kind::Cancel(proto::CancelJobs {
+            batch_id: batch_id.into(),
+            job_ids: job_ids.iter().map(|s| s.to_string()).collect(),
+        })),
+    }
+}
+
+/// An open Process call: a sender for requests and the response stream.
+pub struct OpenCall {
+    pub tx: Option<mpsc::Sender<proto::ProcessRequest>>,
+    pub rx: tonic::Streaming<proto::ProcessResponse>,
+}
+
+impl OpenCall {
+    pub async fn open(client: &mut BatchServiceClient<Channel>) -> Self {
+        Self::open_request(client, |_| {}).await
+    }
+
+    /// Opens a call after `edit` changes the request (metadata, timeout).
+    pub async fn open_request(
+        client: &mut BatchServiceClient<Channel>,
+        edit: impl FnOnce(
+            &mut tonic::Request<tokio_stream::wrappers::ReceiverStream<proto::ProcessRequest>>,
+        ),
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        edit(&mut request);
+        let rx = client.process(request).await.unwrap().into_inner();
+        Self { tx: Some(tx), rx }
+    }
+
+    pub async fn send(&self, req: proto::ProcessRequest) {
+        self.tx.as_ref().unwrap().send(req).await.unwrap();
+    }
+
+    /// Closes the send side (half-close).
+    pub fn half_close(&mut self) {
+        self.tx = None;
+    }
+
+    /// Reads results until `n` arrived (or the stream ends / fails); returns them by job id.
+    pub async fn collect(&mut self, n: usize) -> Result<Vec<proto::JobResult>, tonic::Status> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.rx.message().await? {
+                Some(msg) => out.extend(msg.results),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads until the stream ends; returns every result and the final status.
+    pub async fn finish(&mut self) -> (Vec<proto::JobResult>, Result<(), tonic::Status>) {
+        let mut out = Vec::new();
+        loop {
+            match self.rx.message().await {
+                Ok(Some(msg)) => out.extend(msg.results),
+                Ok(None) => return (out, Ok(())),
+                Err(s) => return (out, Err(s)),
+            }
+        }
+    }
+}
+
+/// Results keyed by job id; panics on a duplicate.
+pub fn by_id(results: Vec<proto::JobResult>) -> HashMap<String, proto::JobResult> {
+    let mut map = HashMap::new();
+    for r in results {
+        let id = r.job_id.clone();
+        assert!(
+            map.insert(id.clone(), r).is_none(),
+            "two results for job {id}"
+        );
+    }
+    map
+}
+
+pub fn outcome(r: &proto::JobResult) -> proto::Outcome {
+    proto::Outcome::try_from(r.outcome).unwrap()
+}

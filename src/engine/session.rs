@@ -406,19 +406,19 @@ where
 
     /// Records `first` and every other job that has already finished, so their results coalesce.
     fn finished_all(&mut self, first: Finished) {
-        self.finished(first);
+        let mut freed = usize::from(self.finished(first));
         while let Some(Some(done)) = self.running.next().now_or_never() {
-            self.finished(done);
+            freed += usize::from(self.finished(done));
         }
+        Counters::sub(&self.engine.stats.jobs_running, freed);
+        self.lane.release(freed);
     }
 
-    fn finished(&mut self, done: Finished) {
+    /// Records one finished job; returns whether it held a worker slot.
+    fn finished(&mut self, done: Finished) -> bool {
         let Some(slot) = self.jobs.remove(&done.id) else {
-            return;
+            return false;
         };
-        let stats = &self.engine.stats;
-        Counters::sub(&stats.jobs_running, 1);
-        self.lane.release(1);
         let now = Instant::now();
         let started = slot.running.map_or(now, |(_, at)| at);
         self.push_ready(JobResult {
@@ -430,6 +430,7 @@ where
             queued: Some(started - slot.admitted),
             ran: Some(now - started),
         });
+        true
     }
 
     /// Cancels one unfinished job of `batch_id`: a queued one ends now, a running one is signalled.

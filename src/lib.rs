@@ -7,9 +7,11 @@
 //! - [`handlers`]: the [`Handler`] trait, the registry and the built-in handlers.
 //! - [`config`]: typed config from defaults, a TOML file, `BATCHD_*` variables and flags.
 //! - [`error`]: the error type and its one mapping to gRPC status codes.
+//! - [`client`]: the client side shared by `batchctl`, tests and Rust users.
 //! - [`telemetry`]: logging set-up.
 //! - [`proto`]: generated protobuf and gRPC code.
 
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -1,0 +1,191 @@
+//! The client side, shared by `batchctl`, the tests and Rust users: connect, run job files, query.
+
+mod jobline;
+mod progress;
+mod record;
+mod run;
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+pub use jobline::{parse as parse_line, LineDefaults, LineError, LineJob};
+pub use progress::Progress;
+pub use record::{ok_ids, outcome_name, LogRecord, ResultRecord};
+pub use run::{run, RunOptions, MAX_LINE};
+
+use crate::proto::batch_service_client::BatchServiceClient;
+use crate::proto::Outcome;
+
+/// Endpoint used when neither `--endpoint` nor `BATCHD_ENDPOINT` is given.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
+
+/// What went wrong on the client side; each maps to one of batchctl's exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon cannot be reached.
+    #[error("cannot reach the daemon at {endpoint}: {reason}")]
+    Unreachable {
+        /// The endpoint tried.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The endpoint is not a valid URL.
+    #[error("bad endpoint {0:?}: {1}")]
+    BadEndpoint(String, String),
+    /// The call ended with an error status.
+    #[error("the call failed: {}: {}", .0.code(), .0.message())]
+    Call(tonic::Status),
+    /// A bad input line under `--strict`.
+    #[error("{0} (stopping: --strict)")]
+    BadLine(LineError),
+    /// The input could not be read.
+    #[error("cannot read the input: {0}")]
+    Input(std::io::Error),
+    /// The output could not be written.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+    /// The job log could not be read or written.
+    #[error("job log: {0}")]
+    JobLog(std::io::Error),
+}
+
+/// Counts of a run, for the progress line, the summary and the exit code.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Jobs sent (retries not counted).
+    pub sent: u64,
+    /// Jobs with a final result.
+    pub done: u64,
+    /// Final results by outcome, in `ok, failed, cancelled, timed_out, rejected` order.
+    pub outcomes: [u64; 5],
+    /// Input lines that were not jobs.
+    pub bad_lines: u64,
+    /// Jobs skipped by `--resume`.
+    pub skipped: u64,
+    /// Retries sent.
+    pub retried: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Stopped by Ctrl-C.
+    pub interrupted: bool,
+}
+
+// === impl ClientError ===
+
+impl ClientError {
+    /// Classifies a failed call: transport failures mean the daemon cannot be reached.
+    pub fn from_status(status: tonic::Status) -> Self {
+        if status.code() == Code::Unavailable && status.message().contains("connect") {
+            Self::Unreachable {
+                endpoint: String::new(),
+                reason: status.message().to_owned(),
+            }
+        } else {
+            Self::Call(status)
+        }
+    }
+}
+
+// === impl Summary ===
+
+impl Summary {
+    fn record(&mut self, outcome: i32) {
+        self.done += 1;
+        let i = match Outcome::try_from(outcome) {
+            Ok(Outcome::Ok) => 0,
+            Ok(Outcome::Failed) => 1,
+            Ok(Outcome::Cancelled) => 2,
+            Ok(Outcome::TimedOut) => 3,
+            _ => 4,
+        };
+        self.outcomes[i] += 1;
+    }
+
+    /// Jobs that ended ok.
+    pub fn ok(&self) -> u64 {
+        self.outcomes[0]
+    }
+
+    /// Whether every job sent ended ok and every line was a job.
+    pub fn all_ok(&self) -> bool {
+        self.ok() == self.sent && self.done == self.sent && self.bad_lines == 0 && !self.interrupted
+    }
+
+    /// `12 ok, 1 failed, …`: the non-zero counts per outcome.
+    pub fn counts(&self) -> String {
+        let names = ["ok", "failed", "cancelled", "timed out", "rejected"];
+        let mut parts: Vec<String> = names
+            .iter()
+            .zip(self.outcomes)
+            .filter(|(n, c)| *c > 0 || **n == "ok")
+            .map(|(n, c)| format!("{c} {n}"))
+            .collect();
+        if self.bad_lines > 0 {
+            parts.push(format!("{} bad lines", self.bad_lines));
+        }
+        if self.skipped > 0 {
+            parts.push(format!("{} skipped", self.skipped));
+        }
+        if self.retried > 0 {
+            parts.push(format!("{} retries", self.retried));
+        }
+        parts.join(", ")
+    }
+
+    /// The one-line summary printed at the end of a run.
+    pub fn line(&self) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        let rate = if secs > 0.0 {
+            self.done as f64 / secs
+        } else {
+            0.0
+        };
+        let unfinished = self.sent.saturating_sub(self.done);
+        let stopped = match (self.interrupted, unfinished) {
+            (true, 0) => " (interrupted)".to_owned(),
+            (true, n) => format!(" (interrupted; {n} jobs sent had no result and were cancelled)"),
+            (false, 0) => String::new(),
+            (false, n) => format!(" ({n} jobs sent had no result)"),
+        };
+        format!(
+            "{} jobs in {secs:.2}s ({rate:.0}/s){stopped}: {}",
+            self.done,
+            self.counts()
+        )
+    }
+}
+
+/// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`), failing fast when nobody listens.
+pub async fn connect(endpoint: &str) -> Result<BatchServiceClient<Channel>, ClientError> {
+    let channel = channel(endpoint).await?;
+    Ok(BatchServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// A connected channel to `endpoint`, for the service, health and reflection clients.
+pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+    let ep = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| ClientError::BadEndpoint(endpoint.to_owned(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    ep.connect().await.map_err(|e| ClientError::Unreachable {
+        endpoint: endpoint.to_owned(),
+        reason: source_chain(&e),
+    })
+}
+
+/// The error and its sources, joined, since tonic's transport errors hide the cause.
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,416 @@
+//! `batchctl run`: streams jobs from JSON Lines over one Process call and writes results as they come.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tonic::transport::Channel;
+
+use super::jobline::{self, LineDefaults, LineError};
+use super::progress::Progress;
+use super::record::{LogRecord, ResultRecord};
+use super::{ClientError, Summary};
+use crate::proto::{
+    self, batch_service_client::BatchServiceClient, process_request::Kind, Outcome,
+};
+
+/// Longest input line read; longer lines are reported and skipped.
+pub const MAX_LINE: usize = 64 * 1024 * 1024;
+/// Longest pause between retries of a job.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How `run` reads, sends and writes.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Jobs per JobBatch.
+    pub batch_size: usize,
+    /// Jobs sent and not yet written out; bounds memory, with `--ordered` too.
+    pub max_in_flight: usize,
+    /// Write results in input order.
+    pub ordered: bool,
+    /// Resend a job that ends failed or timed_out up to this many times.
+    pub retry: u32,
+    /// Pause before the first retry; doubles each time.
+    pub retry_backoff: Duration,
+    /// Stop at the first bad input line.
+    pub strict: bool,
+    /// Values for fields a line omits.
+    pub defaults: LineDefaults,
+    /// Deadline of the whole call.
+    pub deadline: Option<Duration>,
+    /// Ids to skip (finished ok in an earlier run, from the job log).
+    pub skip: HashSet<String>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            max_in_flight: 8192,
+            ordered: false,
+            retry: 0,
+            retry_backoff: Duration::from_millis(200),
+            strict: false,
+            defaults: LineDefaults::default(),
+            deadline: None,
+            skip: HashSet::new(),
+        }
+    }
+}
+
+/// A job sent and not finished.
+struct Tracked {
+    seq: u64,
+    attempts: u32,
+    batch: String,
+    /// Kept only when it may be retried.
+    job: Option<proto::Job>,
+}
+
+/// Runs every job of `input` over one Process call, writing results to `output` and, if given, the
+/// job log. Returns when the input is done and every result is written, when `interrupt` completes
+/// (the call is cancelled: the daemon stops all of its jobs), or on the first error.
+pub async fn run<R, W, L>(
+    client: &mut BatchServiceClient<Channel>,
+    input: R,
+    output: W,
+    joblog: Option<L>,
+    opts: &RunOptions,
+    progress: &mut Progress,
+    interrupt: impl Future<Output = ()>,
+) -> (Summary, Result<(), ClientError>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    L: AsyncWrite + Unpin,
+{
+    let mut state = State {
+        opts,
+        summary: Summary::default(),
+        out: BufWriter::new(output),
+        joblog: joblog.map(BufWriter::new),
+        inflight: HashMap::new(),
+        reorder: BTreeMap::new(),
+        next_seq: 0,
+        next_out: 0,
+        building: None,
+        outgoing: VecDeque::new(),
+        retries: BinaryHeap::new(),
+        started: Instant::now(),
+    };
+    let res = state.run(client, input, progress, interrupt).await;
+    // Results already received are written even when the run stops early.
+    let flushed = state.drain_reorder().await;
+    state.summary.elapsed = state.started.elapsed();
+    progress.clear();
+    (state.summary, res.and(flushed))
+}
+
+struct State<'a, W, L> {
+    opts: &'a RunOptions,
+    summary: Summary,
+    out: BufWriter<W>,
+    joblog: Option<BufWriter<L>>,
+    inflight: HashMap<String, Tracked>,
+    /// Results waiting for earlier ones (`--ordered`), by input sequence.
+    reorder: BTreeMap<u64, Vec<u8>>,
+    next_seq: u64,
+    next_out: u64,
+    building: Option<(String, Vec<proto::Job>)>,
+    outgoing: VecDeque<proto::ProcessRequest>,
+    retries: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    started: Instant,
+}
+
+impl<W, L> State<'_, W, L>
+where
+    W: AsyncWrite + Unpin,
+    L: AsyncWrite + Unpin,
+{
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut BatchServiceClient<Channel>,
+        input: R,
+        progress: &mut Progress,
+        interrupt: impl Future<Output = ()>,
+    ) -> Result<(), ClientError> {
+        let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE);
+        let mut lines = FramedRead::new(input, codec);
+        let mut input_done = false;
+        let mut line_no = 0u64;
+
+        let (tx, rx) = mpsc::channel(2);
+        let mut tx = Some(tx);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(d) = self.opts.deadline {
+            request.set_timeout(d);
+        }
+        let mut responses = client
+            .process(request)
+            .await
+            .map_err(ClientError::from_status)?
+            .into_inner();
+        tokio::pin!(interrupt);
+
+        loop {
+            let retry_at = self.retries.peek().map(|Reverse((at, _, _))| *at);
+            let can_read = !input_done
+                && self.outgoing.is_empty()
+                && self.outstanding() < self.opts.max_in_flight;
+            // Half-close once nothing more can be sent: no input, no batch waiting, no retry possible.
+            if input_done
+                && self.outgoing.is_empty()
+                && self.retries.is_empty()
+                && (self.opts.retry == 0 || self.inflight.is_empty())
+            {
+                tx = None;
+            }
+            let sender = tx.clone();
+            tokio::select! {
+                biased;
+                () = &mut interrupt => {
+                    self.summary.interrupted = true;
+                    return Ok(());
+                }
+                msg = responses.message() => match msg {
+                    Ok(Some(msg)) => {
+                        self.results(msg.results).await?;
+                        progress.tick(&self.summary);
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(ClientError::from_status(status)),
+                },
+                () = sleep_until(retry_at), if retry_at.is_some() => self.resend_due(),
+                permit = reserve(sender.as_ref()), if !self.outgoing.is_empty() && sender.is_some() => {
+                    match (permit, self.outgoing.pop_front()) {
+                        (Some(permit), Some(req)) => permit.send(req),
+                        // The call ended; its status arrives on the response stream.
+                        _ => tx = None,
+                    }
+                }
+                frame = lines.next(), if can_read => {
+                    let mut frame = frame;
+                    loop {
+                        match frame {
+                            None => {
+                                input_done = true;
+                                break;
+                            }
+                            Some(frame) => {
+                                line_no += 1;
+                                self.line(line_no, frame, progress)?;
+                            }
+                        }
+                        let full = self.building.as_ref().is_some_and(|(_, b)| b.len() >= self.opts.batch_size);
+                        if full || !self.outgoing.is_empty() || self.outstanding() >= self.opts.max_in_flight {
+                            break;
+                        }
+                        // Take what is already buffered; send a partial batch rather than wait.
+                        match lines.next().now_or_never() {
+                            Some(next) => frame = next,
+                            None => break,
+                        }
+                    }
+                    self.flush_batch();
+                }
+            }
+        }
+    }
+
+    /// Jobs sent or about to be, and results not written yet.
+    fn outstanding(&self) -> usize {
+        self.inflight.len()
+            + self.reorder.len()
+            + self.building.as_ref().map_or(0, |(_, b)| b.len())
+    }
+
+    fn line(
+        &mut self,
+        line_no: u64,
+        frame: Result<bytes::Bytes, AnyDelimiterCodecError>,
+        progress: &mut Progress,
+    ) -> Result<(), ClientError> {
+        let parsed = match frame {
+            Ok(bytes) => {
+                let bytes = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
+                match std::str::from_utf8(bytes) {
+                    Ok(text) => jobline::parse(line_no, text, &self.opts.defaults),
+                    Err(_) => Err(LineError {
+                        line: line_no,
+                        reason: "not valid UTF-8".into(),
+                    }),
+                }
+            }
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => Err(LineError {
+                line: line_no,
+                reason: format!("longer than {MAX_LINE} bytes"),
+            }),
+            Err(AnyDelimiterCodecError::Io(e)) => return Err(ClientError::Input(e)),
+        };
+        let job = match parsed {
+            Ok(Some(job)) => job,
+            Ok(None) => return Ok(()),
+            Err(e) => return self.bad_line(e, progress),
+        };
+        if self.opts.skip.contains(&job.job.id) {
+            self.summary.skipped += 1;
+            return Ok(());
+        }
+        if self.inflight.contains_key(&job.job.id) {
+            let e = LineError {
+                line: line_no,
+                reason: format!("id {:?} is still in use by an unfinished job", job.job.id),
+            };
+            return self.bad_line(e, progress);
+        }
+        if self.building.as_ref().is_some_and(|(b, _)| *b != job.batch) {
+            self.flush_batch();
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight.insert(
+            job.job.id.clone(),
+            Tracked {
+                seq,
+                attempts: 1,
+                batch: job.batch.clone(),
+                job: (self.opts.retry > 0).then(|| job.job.clone()),
+            },
+        );
+        self.summary.sent += 1;
+        self.building
+            .get_or_insert_with(|| (job.batch, Vec::new()))
+            .1
+            .push(job.job);
+        Ok(())
+    }
+
+    fn bad_line(&mut self, e: LineError, progress: &mut Progress) -> Result<(), ClientError> {
+        self.summary.bad_lines += 1;
+        if self.opts.strict {
+            return Err(ClientError::BadLine(e));
+        }
+        progress.message(&format!("batchctl: {e}"));
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) {
+        if let Some((batch_id, jobs)) = self.building.take() {
+            self.outgoing.push_back(batch(batch_id, jobs));
+        }
+    }
+
+    fn resend_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, _, _))) = self.retries.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, _, id))) = self.retries.pop() else {
+                break;
+            };
+            if let Some(t) = self.inflight.get(&id) {
+                if let Some(job) = &t.job {
+                    self.outgoing
+                        .push_back(batch(t.batch.clone(), vec![job.clone()]));
+                }
+            }
+        }
+    }
+
+    async fn results(&mut self, results: Vec<proto::JobResult>) -> Result<(), ClientError> {
+        for r in results {
+            let Some(mut t) = self.inflight.remove(&r.job_id) else {
+                continue;
+            };
+            let retryable = matches!(
+                Outcome::try_from(r.outcome),
+                Ok(Outcome::Failed | Outcome::TimedOut)
+            );
+            if retryable && t.attempts <= self.opts.retry && t.job.is_some() {
+                let backoff = self
+                    .opts
+                    .retry_backoff
+                    .saturating_mul(1 << (t.attempts - 1).min(16))
+                    .min(MAX_BACKOFF);
+                t.attempts += 1;
+                self.summary.retried += 1;
+                self.retries
+                    .push(Reverse((Instant::now() + backoff, t.seq, r.job_id.clone())));
+                self.inflight.insert(r.job_id, t);
+                continue;
+            }
+            self.summary.record(r.outcome);
+            if let Some(log) = &mut self.joblog {
+                let rec = LogRecord {
+                    id: r.job_id.clone(),
+                    outcome: super::record::outcome_name(r.outcome).into(),
+                };
+                let mut line = serde_json::to_vec(&rec).unwrap_or_default();
+                line.push(b'\n');
+                log.write_all(&line).await.map_err(ClientError::JobLog)?;
+            }
+            let line = ResultRecord::new(&r, t.attempts).to_line();
+            if self.opts.ordered {
+                self.reorder.insert(t.seq, line);
+                while let Some(line) = self.reorder.remove(&self.next_out) {
+                    self.out
+                        .write_all(&line)
+                        .await
+                        .map_err(ClientError::Output)?;
+                    self.next_out += 1;
+                }
+            } else {
+                self.out
+                    .write_all(&line)
+                    .await
+                    .map_err(ClientError::Output)?;
+            }
+        }
+        self.out.flush().await.map_err(ClientError::Output)?;
+        if let Some(log) = &mut self.joblog {
+            log.flush().await.map_err(ClientError::JobLog)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the results still waiting for earlier ones (the run stopped early).
+    async fn drain_reorder(&mut self) -> Result<(), ClientError> {
+        for line in std::mem::take(&mut self.reorder).into_values() {
+            self.out
+                .write_all(&line)
+                .await
+                .map_err(ClientError::Output)?;
+        }
+        self.out.flush().await.map_err(ClientError::Output)?;
+        if let Some(log) = &mut self.joblog {
+            log.flush().await.map_err(ClientError::JobLog)?;
+        }
+        Ok(())
+    }
+}
+
+fn batch(batch_id: String, jobs: Vec<proto::Job>) -> proto::ProcessRequest {
+    proto::ProcessRequest {
+        kind: Some(Kind::Batch(proto::JobBatch { batch_id, jobs })),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn reserve(
+    tx: Option<&mpsc::Sender<proto::ProcessRequest>>,
+) -> Option<mpsc::Permit<'_, proto::ProcessRequest>> {
+    tx?.reserve().await.ok()
+}

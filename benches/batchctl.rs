@@ -1,0 +1,2 @@
+//! Placeholder: the batchctl end-to-end benchmark is being written.
+fn main() {}

@@ -35,8 +35,10 @@ impl Handler for Upper {
 async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::builtin();
     registry.register("upper", Upper);
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:50052".parse()?;
+    let config = Config {
+        listen: "127.0.0.1:50052".parse()?,
+        ..Config::default()
+    };
     batchd::telemetry::init(config.log_format, &config.log);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let server = Server::new(config, registry);

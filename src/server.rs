@@ -58,10 +58,11 @@ impl Server {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message.max(config.max_output.as_usize() + 64 * 1024));
         let keepalive = (!config.keepalive_interval.is_zero()).then_some(config.keepalive_interval);
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, workers = config.workers, "serving");
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop_accepting = CancellationToken::new();
 
-        tracing::info!(addr = %config.listen, workers = config.workers, "serving");
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -94,24 +95,39 @@ impl Server {
         engine.drain();
         stop_accepting.cancel();
 
-        if tokio::time::timeout(config.shutdown_grace, engine.wait_idle())
-            .await
-            .is_err()
-        {
-            let stats = engine.stats();
-            tracing::warn!(
-                calls = stats.calls_open,
-                running = stats.jobs_running,
-                queued = stats.jobs_queued,
-                "grace period over; cancelling unfinished jobs"
-            );
-            engine.cancel_all();
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, engine.wait_idle()).await;
-        }
-        // Every call has ended (or was cut off); give the transport a moment to send the trailers.
-        match tokio::time::timeout(CLOSE_TIMEOUT, serve).await {
-            Ok(res) => res?,
-            Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
+        // Calls drain while the transport keeps running, so that it closes its listener and answers
+        // the connections already open (new calls get UNAVAILABLE) instead of leaving them hanging.
+        let drain = async {
+            if tokio::time::timeout(config.shutdown_grace, engine.wait_idle())
+                .await
+                .is_err()
+            {
+                let stats = engine.stats();
+                tracing::warn!(
+                    calls = stats.calls_open,
+                    running = stats.jobs_running,
+                    queued = stats.jobs_queued,
+                    "grace period over; cancelling unfinished jobs"
+                );
+                engine.cancel_all();
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, engine.wait_idle()).await;
+            }
+        };
+        tokio::pin!(drain);
+        let served = tokio::select! {
+            res = &mut serve => Some(res),
+            () = &mut drain => None,
+        };
+        match served {
+            Some(res) => {
+                drain.await;
+                res?;
+            }
+            // Every call has ended (or was cut off); give the transport a moment to send trailers.
+            None => match tokio::time::timeout(CLOSE_TIMEOUT, serve).await {
+                Ok(res) => res?,
+                Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
+            },
         }
         tracing::info!("stopped");
         Ok(())

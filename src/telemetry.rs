@@ -1,5 +1,7 @@
 //! Logging set-up: structured `tracing` events on stderr, as text or JSON.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -9,6 +11,7 @@ pub fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::builder().parse_lossy(filter);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

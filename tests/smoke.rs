@@ -1,3 +1,4 @@
+//! A first end-to-end check: echo jobs round-trip through a real server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
 

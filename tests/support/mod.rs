@@ -32,8 +32,10 @@ impl TestServer {
 
     /// Like [`TestServer::start`] with a custom registry.
     pub fn start_with(edit: impl FnOnce(&mut Config), registry: Registry) -> Self {
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
         edit(&mut config);
         config.validate().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,547 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The real `batchd` binary as a process: configuration errors and their exit code, serving on a
+//! real port, SIGTERM/SIGINT shutdown with its grace period, and JSON logs.
+mod support;
+
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use batchd::proto::batch_service_client::BatchServiceClient;
+use batchd::proto::Outcome;
+use support::{batch, by_id, job, outcome, wait_until, OpenCall};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Generous deadline for anything that should happen "at once".
+const LIVENESS: Duration = Duration::from_secs(10);
+/// batchd's exit code for an unusable configuration.
+const EXIT_CONFIG: i32 = 64;
+
+// === the process ===
+
+/// A running `batchd`; killed (SIGKILL) if a test ends while it still runs.
+struct Daemon {
+    child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+    url: String,
+}
+
+impl Daemon {
+    /// Starts `batchd args…` with `env` and no other `BATCHD_*` variable.
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchd"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("BATCHD_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        // Drained all along, so the daemon never blocks on a full pipe.
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            child,
+            stderr,
+            reader: Some(reader),
+            url: String::new(),
+        }
+    }
+
+    /// Starts `batchd --listen 127.0.0.1:PORT args…` on a free port and waits until it serves.
+    async fn serving(args: &[&str]) -> Self {
+        for _ in 0..3 {
+            // A port that was free a moment ago; another process may take it first, hence the retry.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut all = vec!["--listen", listen.as_str()];
+            all.extend_from_slice(args);
+            let mut daemon = Self::spawn(&all, &[]);
+            daemon.url = format!("http://{listen}");
+            daemon.wait_for_log("serving").await;
+            if daemon.running() {
+                return daemon;
+            }
+            assert!(
+                daemon.stderr().contains("binding"),
+                "batchd exited before serving: {}",
+                daemon.stderr()
+            );
+        }
+        panic!("no free port for batchd after 3 tries");
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends `signal` (e.g. `TERM`) to the daemon.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits until stderr contains `text` or the daemon exits.
+    async fn wait_for_log(&mut self, text: &str) {
+        let what = format!("batchd logs {text:?}");
+        let stderr = Arc::clone(&self.stderr);
+        let child = &mut self.child;
+        let seen = tokio::time::timeout(
+            LIVENESS,
+            wait_until(&what, LIVENESS * 2, || {
+                String::from_utf8_lossy(&stderr.lock().unwrap()).contains(text)
+                    || child.try_wait().unwrap().is_some()
+            }),
+        )
+        .await;
+        if seen.is_err() {
+            panic!("timed out waiting until {what}; stderr:\n{}", self.stderr());
+        }
+    }
+
+    /// Waits for the daemon to exit; returns its status once all of its stderr is read.
+    async fn exit(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        let exited = tokio::time::timeout(
+            LIVENESS,
+            wait_until("batchd exits", LIVENESS * 2, || {
+                child.try_wait().unwrap().is_some()
+            }),
+        )
+        .await;
+        if exited.is_err() {
+            panic!(
+                "batchd still runs after {LIVENESS:?}; stderr:\n{}",
+                self.stderr()
+            );
+        }
+        if let Some(reader) = self.reader.take() {
+            tokio::task::spawn_blocking(move || reader.join().unwrap())
+                .await
+                .unwrap();
+        }
+        self.child.wait().unwrap()
+    }
+
+    async fn client(&self) -> BatchServiceClient<tonic::transport::Channel> {
+        BatchServiceClient::connect(self.url.clone()).await.unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `batchd args…` with `env`, expecting it to exit on its own; returns its code and stderr.
+async fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut daemon = Daemon::spawn(args, env);
+    let status = daemon.exit().await;
+    (status.code(), daemon.stderr())
+}
+
+/// Opens a call running an echo job and a 60 s sleep job; returns once the echo result is back,
+/// which proves the batch was admitted (so the sleep job runs: no worker limit is near).
+async fn call_with_a_sleeping_job(daemon: &Daemon) -> OpenCall {
+    let mut client = daemon.client().await;
+    let mut call = OpenCall::open(&mut client).await;
+    call.send(batch(
+        "b",
+        vec![
+            job("echo", "echo", b"hi", &[]),
+            job("sleep", "sleep", b"", &[("ms", "60000")]),
+        ],
+    ))
+    .await;
+    let first = tokio::time::timeout(LIVENESS, call.collect(1))
+        .await
+        .expect("the echo result arrives")
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].job_id, "echo");
+    call
+}
+
+// === configuration errors ===
+
+#[tokio::test]
+async fn zero_workers_exits_64_naming_the_field() {
+    let (code, stderr) = run_to_exit(&["--workers", "0", "--listen", "127.0.0.1:0"], &[]).await;
+    assert_eq!(code, Some(EXIT_CONFIG), "stderr: {stderr}");
+    assert!(stderr.contains("workers"), "stderr: {stderr}");
+    assert!(!stderr.contains("serving"), "stderr: {stderr}");
+}
+
+#[tokio::test]
+async fn a_bad_environment_variable_exits_64_naming_it() {
+    let (code, stderr) = run_to_exit(
+        &["--listen", "127.0.0.1:0"],
+        &[("BATCHD_SESSION_WINDOW", "abc")],
+    )
+    .await;
+    assert_eq!(code, Some(EXIT_CONFIG), "stderr: {stderr}");
+    assert!(stderr.contains("BATCHD_SESSION_WINDOW"), "stderr: {stderr}");
+}
+
+#[tokio::test]
+async fn an_unknown_field_in_the_config_file_exits_64_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batchd.toml");
+    std::fs::write(&path, "workers = 4\nwrokers = 8\n").unwrap();
+    let (code, stderr) = run_to_exit(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(EXIT_CONFIG), "stderr: {stderr}");
+    assert!(stderr.contains("wrokers"), "stderr: {stderr}");
+}
+
+// === serving and signals ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_jobs_then_exits_0_on_sigterm() {
+    let mut daemon = Daemon::serving(&[]).await;
+
+    let channel = tonic::transport::Channel::from_shared(daemon.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "batchd.v1.BatchService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32);
+
+    let mut client = daemon.client().await;
+    let mut call = OpenCall::open(&mut client).await;
+    let jobs = (0..20)
+        .map(|i| job(&format!("j{i}"), "echo", format!("p{i}").as_bytes(), &[]))
+        .collect();
+    call.send(batch("b", jobs)).await;
+    call.half_close();
+    let (results, status) = tokio::time::timeout(LIVENESS, call.finish()).await.unwrap();
+    status.unwrap();
+    let results = by_id(results);
+    assert_eq!(results.len(), 20);
+    for i in 0..20 {
+        let r = &results[&format!("j{i}")];
+        assert_eq!(outcome(r), Outcome::Ok);
+        assert_eq!(&r.output[..], format!("p{i}").as_bytes());
+    }
+
+    daemon.signal("TERM");
+    let status = daemon.exit().await;
+    let stderr = daemon.stderr();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let serving = stderr.lines().find(|l| l.contains("serving")).unwrap();
+    assert!(
+        !serving.trim_start().starts_with('{'),
+        "logs are text by default: {serving}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cancels_a_running_job_after_the_grace_period_and_exits_0() {
+    // The default grace (30 s) is longer than the liveness deadline: the setting must take effect.
+    let mut daemon = Daemon::serving(&["--set", "shutdown_grace=300ms"]).await;
+    let mut call = call_with_a_sleeping_job(&daemon).await;
+
+    daemon.signal("TERM");
+    let (results, status) = tokio::time::timeout(LIVENESS, call.finish())
+        .await
+        .expect("the call ends once the grace period is over");
+    let results = by_id(results);
+    let sleep = results.get("sleep").expect("the sleeping job has a result");
+    assert_eq!(outcome(sleep), Outcome::Cancelled, "{sleep:?}");
+    let status = status.expect_err("the call ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    let exit = daemon.exit().await;
+    assert_eq!(exit.code(), Some(0), "stderr:\n{}", daemon.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_grace_period_stops_at_once() {
+    let mut daemon = Daemon::serving(&["--set", "shutdown_grace=60s"]).await;
+    let _call = call_with_a_sleeping_job(&daemon).await;
+
+    daemon.signal("TERM");
+    daemon.wait_for_log("graceful shutdown").await;
+    assert!(
+        daemon.running(),
+        "batchd waits for the running job during its 60 s grace period"
+    );
+    daemon.signal("INT");
+    let exit = daemon.exit().await;
+    assert_eq!(exit.code(), Some(130), "stderr:\n{}", daemon.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_format_writes_one_json_object_per_line() {
+    let mut daemon = Daemon::serving(&["--log-format", "json"]).await;
+    daemon.signal("TERM");
+    let exit = daemon.exit().await;
+    let stderr = daemon.stderr();
+    assert_eq!(exit.code(), Some(0), "stderr:\n{stderr}");
+
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "stderr:\n{stderr}");
+    let mut messages = Vec::new();
+    for line in lines {
+        let value = json::parse(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let json::Value::Object(fields) = value else {
+            panic!("not a JSON object: {line}");
+        };
+        let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        assert!(
+            matches!(field("level"), Some(json::Value::String(_))),
+            "{line}"
+        );
+        assert!(
+            matches!(field("timestamp"), Some(json::Value::String(_))),
+            "{line}"
+        );
+        if let Some(json::Value::String(m)) = field("message") {
+            messages.push(m.clone());
+        }
+    }
+    assert!(
+        messages.iter().any(|m| m == "serving"),
+        "messages: {messages:?}"
+    );
+}
+
+/// A strict JSON parser, just enough to check that log lines are JSON.
+mod json {
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Value {
+        Null,
+        Bool(bool),
+        Number(f64),
+        String(String),
+        Array(Vec<Value>),
+        Object(Vec<(String, Value)>),
+    }
+
+    pub fn parse(text: &str) -> Result<Value, String> {
+        let mut p = Parser {
+            s: text.as_bytes(),
+            i: 0,
+        };
+        let v = p.value()?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err(format!("trailing characters at {}", p.i));
+        }
+        Ok(v)
+    }
+
+    struct Parser<'a> {
+        s: &'a [u8],
+        i: usize,
+    }
+
+    impl Parser<'_> {
+        fn ws(&mut self) {
+            while self.s.get(self.i).is_some_and(|b| b" \t\r\n".contains(b)) {
+                self.i += 1;
+            }
+        }
+
+        fn peek(&self) -> Option<u8> {
+            self.s.get(self.i).copied()
+        }
+
+        fn expect(&mut self, b: u8) -> Result<(), String> {
+            if self.peek() == Some(b) {
+                self.i += 1;
+                Ok(())
+            } else {
+                Err(format!("expected {:?} at {}", b as char, self.i))
+            }
+        }
+
+        fn literal(&mut self, word: &str, v: Value) -> Result<Value, String> {
+            if self.s[self.i..].starts_with(word.as_bytes()) {
+                self.i += word.len();
+                Ok(v)
+            } else {
+                Err(format!("bad literal at {}", self.i))
+            }
+        }
+
+        fn value(&mut self) -> Result<Value, String> {
+            self.ws();
+            match self.peek() {
+                Some(b'{') => self.object(),
+                Some(b'[') => self.array(),
+                Some(b'"') => self.string().map(Value::String),
+                Some(b't') => self.literal("true", Value::Bool(true)),
+                Some(b'f') => self.literal("false", Value::Bool(false)),
+                Some(b'n') => self.literal("null", Value::Null),
+                Some(b'-' | b'0'..=b'9') => self.number(),
+                _ => Err(format!("expected a value at {}", self.i)),
+            }
+        }
+
+        fn object(&mut self) -> Result<Value, String> {
+            self.expect(b'{')?;
+            let mut fields = Vec::new();
+            self.ws();
+            if self.peek() == Some(b'}') {
+                self.i += 1;
+                return Ok(Value::Object(fields));
+            }
+            loop {
+                self.ws();
+                let key = self.string()?;
+                self.ws();
+                self.expect(b':')?;
+                fields.push((key, self.value()?));
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => {
+                        self.i += 1;
+                        return Ok(Value::Object(fields));
+                    }
+                    _ => return Err(format!("expected ',' or '}}' at {}", self.i)),
+                }
+            }
+        }
+
+        fn array(&mut self) -> Result<Value, String> {
+            self.expect(b'[')?;
+            let mut items = Vec::new();
+            self.ws();
+            if self.peek() == Some(b']') {
+                self.i += 1;
+                return Ok(Value::Array(items));
+            }
+            loop {
+                items.push(self.value()?);
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b']') => {
+                        self.i += 1;
+                        return Ok(Value::Array(items));
+                    }
+                    _ => return Err(format!("expected ',' or ']' at {}", self.i)),
+                }
+            }
+        }
+
+        fn string(&mut self) -> Result<String, String> {
+            self.expect(b'"')?;
+            let mut out = Vec::new();
+            loop {
+                let b = self.peek().ok_or("unterminated string")?;
+                self.i += 1;
+                match b {
+                    b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
+                    b'\\' => {
+                        let e = self.peek().ok_or("unterminated escape")?;
+                        self.i += 1;
+                        match e {
+                            b'"' | b'\\' | b'/' => out.push(e),
+                            b'b' => out.push(8),
+                            b'f' => out.push(12),
+                            b'n' => out.push(b'\n'),
+                            b'r' => out.push(b'\r'),
+                            b't' => out.push(b'\t'),
+                            b'u' => {
+                                let hex = self
+                                    .s
+                                    .get(self.i..self.i + 4)
+                                    .and_then(|h| std::str::from_utf8(h).ok())
+                                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+                                    .ok_or("bad \\u escape")?;
+                                self.i += 4;
+                                let c = char::from_u32(hex).unwrap_or('\u{fffd}');
+                                out.extend_from_slice(c.to_string().as_bytes());
+                            }
+                            _ => return Err(format!("bad escape at {}", self.i)),
+                        }
+                    }
+                    0..=0x1f => return Err(format!("control character in string at {}", self.i)),
+                    _ => out.push(b),
+                }
+            }
+        }
+
+        fn number(&mut self) -> Result<Value, String> {
+            let start = self.i;
+            while self
+                .peek()
+                .is_some_and(|b| b"+-.eE".contains(&b) || b.is_ascii_digit())
+            {
+                self.i += 1;
+            }
+            let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
+            text.parse()
+                .map(Value::Number)
+                .map_err(|_| format!("bad number {text:?}"))
+        }
+    }
+
+    #[test]
+    fn the_parser_is_strict() {
+        assert!(parse(r#"{"a":[1,-2.5e3,true,null,"x\"\u00e9"],"b":{}}"#).is_ok());
+        for bad in [
+            "",
+            "{",
+            r#"{"a":1,}"#,
+            r#"{a:1}"#,
+            "[1 2]",
+            r#""x"#,
+            "{} x",
+            "tru",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -61,6 +61,18 @@ pub struct Registry {
     handlers: BTreeMap<String, Arc<dyn Handler>>,
 }
 
+/// Longest part of a client's string that error messages quote.
+const QUOTE_CHARS: usize = 64;
+
+/// A client's string for an error message: quoted, escaped and cut short, so that a huge or hostile
+/// value cannot blow up the result that carries the message.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 // === impl JobContext ===
 
 impl JobContext {
@@ -124,5 +136,26 @@ impl Registry {
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.handlers.keys()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote;
+
+    #[test]
+    fn quote_cuts_long_strings() {
+        assert_eq!(quote("ms"), "\"ms\"");
+        let long = "\u{1}".repeat(10_000);
+        let q = quote(&long);
+        assert!(q.len() < 64 * 6 + 32, "{}", q.len());
+        assert!(q.ends_with("(10000 bytes)"), "{q}");
+        assert_eq!(
+            quote(&"é".repeat(100))
+                .chars()
+                .filter(|c| *c == 'é')
+                .count(),
+            64
+        );
     }
 }

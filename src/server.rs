@@ -56,7 +56,12 @@ impl Server {
         let max_message = config.max_message_size.as_usize();
         let service = BatchServiceServer::new(Service::new(engine.clone()))
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message.max(config.max_output.as_usize() + 64 * 1024));
+            // One result holds at most a request's strings (id, batch id), an output and a short error.
+            .max_encoding_message_size(
+                max_message
+                    .saturating_add(config.max_output.as_usize())
+                    .saturating_add(64 * 1024),
+            );
         let keepalive = (!config.keepalive_interval.is_zero()).then_some(config.keepalive_interval);
         let addr = listener.local_addr()?;
         tracing::info!(%addr, workers = config.workers, "serving");

@@ -21,7 +21,7 @@ use super::job::{Command, JobRequest, JobResult, Outcome};
 use super::scheduler::Lane;
 use super::{Counters, Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
-use crate::handlers::{Handler, JobContext, JobInput, Params};
+use crate::handlers::{quote, Handler, JobContext, JobInput, Params};
 
 /// How long a session cut off by shutdown tries to hand over its last results.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
@@ -206,7 +206,8 @@ where
                 let limit = self.engine.limits.max_jobs_per_batch;
                 if jobs.len() > limit {
                     return Err(Error::InvalidArgument(format!(
-                        "batch {batch_id:?} has {} jobs, over max_jobs_per_batch ({limit})",
+                        "batch {} has {} jobs, over max_jobs_per_batch ({limit})",
+                        quote(&batch_id),
                         jobs.len()
                     )));
                 }
@@ -292,14 +293,14 @@ where
         }
         if self.jobs.contains_key(&job.id) {
             return Err(format!(
-                "job id {:?} is already used by an unfinished job of this call",
-                job.id
+                "job id {} is already used by an unfinished job of this call",
+                quote(&job.id)
             ));
         }
         let Some(handler) = self.engine.registry.get(&job.handler) else {
             return Err(format!(
-                "unknown handler {:?} (ListHandlers names the known ones)",
-                job.handler
+                "unknown handler {} (ListHandlers names the known ones)",
+                quote(&job.handler)
             ));
         };
         if job.payload.len() > limits.max_payload {
@@ -316,7 +317,7 @@ where
         };
         handler
             .check(&job.params)
-            .map_err(|e| format!("bad params for handler {:?}: {e}", job.handler))?;
+            .map_err(|e| format!("bad params for handler {}: {e}", quote(&job.handler)))?;
         Ok((Arc::clone(handler), timeout))
     }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::Digest;
 
-use super::{Handler, HandlerError, JobContext, JobInput, Params};
+use super::{quote, Handler, HandlerError, JobContext, JobInput, Params};
 
 /// Longest `sleep`/`spin` a job may ask for, so a typo cannot hold a worker for days.
 const MAX_MS: u64 = 24 * 3600 * 1000;
@@ -55,7 +55,10 @@ fn only_ms(params: &Params) -> Result<u64, String> {
 /// Rejects any param.
 fn no_params(params: &Params) -> Result<(), String> {
     match params.keys().next() {
-        Some(k) => Err(format!("unknown param {k:?} (this handler takes none)")),
+        Some(k) => Err(format!(
+            "unknown param {} (this handler takes none)",
+            quote(k)
+        )),
         None => Ok(()),
     }
 }

@@ -237,18 +237,24 @@ mod tests {
         let mut small = s.lane();
         greedy.want(100);
         assert_eq!(greedy.take(), 1);
-        small.want(2);
-        greedy.release(1);
-        assert_eq!(
-            small.take(),
-            1,
-            "the waiting lane gets its turn before the greedy one"
-        );
-        assert_eq!(greedy.take(), 0);
-        small.release(1);
-        assert_eq!(greedy.take(), 1);
-        greedy.release(1);
-        assert_eq!(small.take(), 1);
+        small.want(3);
+        // The ring is [greedy, small]: turns alternate, whoever frees the slot.
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            if greedy.held > 0 {
+                greedy.release(1);
+            } else {
+                small.release(1);
+            }
+            match (greedy.take(), small.take()) {
+                (1, 0) => order.push("greedy"),
+                (0, 1) => order.push("small"),
+                other => panic!("one slot, one grant: {other:?}"),
+            }
+        }
+        assert_eq!(order, ["greedy", "small", "greedy", "small", "greedy", "small"]);
+        small.release(small.held);
+        assert_eq!(greedy.take(), 1, "small wants no more: the slot goes back to greedy");
     }
 
     #[test]

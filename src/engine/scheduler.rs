@@ -252,9 +252,16 @@ mod tests {
                 other => panic!("one slot, one grant: {other:?}"),
             }
         }
-        assert_eq!(order, ["greedy", "small", "greedy", "small", "greedy", "small"]);
+        assert_eq!(
+            order,
+            ["greedy", "small", "greedy", "small", "greedy", "small"]
+        );
         small.release(small.held);
-        assert_eq!(greedy.take(), 1, "small wants no more: the slot goes back to greedy");
+        assert_eq!(
+            greedy.take(),
+            1,
+            "small wants no more: the slot goes back to greedy"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The client side, shared by `batchctl`, the tests and Rust users: connect, run job files, query.
 
 mod jobline;
+mod lines;
 mod progress;
 mod record;
 mod run;
@@ -11,6 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 pub use jobline::{parse as parse_line, LineDefaults, LineError, LineJob};
+pub use lines::{Line, LineDecoder};
 pub use progress::Progress;
 pub use record::{ok_ids, outcome_name, LogRecord, ResultRecord};
 pub use run::{run, RunOptions, MAX_LINE};
@@ -124,13 +126,13 @@ impl Summary {
             .map(|(n, c)| format!("{c} {n}"))
             .collect();
         if self.bad_lines > 0 {
-            parts.push(format!("{} bad lines", self.bad_lines));
+            parts.push(plural(self.bad_lines, "bad line"));
         }
         if self.skipped > 0 {
             parts.push(format!("{} skipped", self.skipped));
         }
         if self.retried > 0 {
-            parts.push(format!("{} retries", self.retried));
+            parts.push(plural(self.retried, "retry"));
         }
         parts.join(", ")
     }
@@ -146,13 +148,17 @@ impl Summary {
         let unfinished = self.sent.saturating_sub(self.done);
         let stopped = match (self.interrupted, unfinished) {
             (true, 0) => " (interrupted)".to_owned(),
-            (true, n) => format!(" (interrupted; {n} jobs sent had no result and were cancelled)"),
+            (true, n) => format!(
+                " (interrupted; {} sent had no result and {} cancelled)",
+                plural(n, "job"),
+                if n == 1 { "was" } else { "were" }
+            ),
             (false, 0) => String::new(),
-            (false, n) => format!(" ({n} jobs sent had no result)"),
+            (false, n) => format!(" ({} sent had no result)", plural(n, "job")),
         };
         format!(
-            "{} jobs in {secs:.2}s ({rate:.0}/s){stopped}: {}",
-            self.done,
+            "{} in {secs:.2}s ({rate:.0}/s){stopped}: {}",
+            plural(self.done, "job"),
             self.counts()
         )
     }
@@ -178,14 +184,40 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     })
 }
 
-/// The error and its sources, joined, since tonic's transport errors hide the cause.
+/// `1 job`, `2 jobs`, `3 retries`.
+fn plural(n: u64, noun: &str) -> String {
+    match (n, noun.strip_suffix('y')) {
+        (1, _) => format!("1 {noun}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        (_, None) => format!("{n} {noun}s"),
+    }
+}
+
+/// The error and its sources, joined, since tonic's transport errors hide the cause; a source that
+/// only repeats what is already said is left out.
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plurals() {
+        assert_eq!(plural(1, "job"), "1 job");
+        assert_eq!(plural(0, "job"), "0 jobs");
+        assert_eq!(plural(2, "retry"), "2 retries");
+        assert_eq!(plural(3, "bad line"), "3 bad lines");
+    }
 }

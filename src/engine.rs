@@ -97,7 +97,8 @@ pub struct Stats {
     pub results_buffered: u64,
     /// Jobs admitted since start.
     pub jobs_admitted: u64,
-    /// Jobs finished since start, by outcome in [`Outcome::ALL`] order (rejected jobs included).
+    /// Jobs finished since start, by outcome in [`Outcome::ALL`] order: rejected jobs included, and
+    /// jobs stopped because their call went away counted as cancelled.
     pub finished: [u64; 5],
     /// Worker slots nobody holds.
     pub free_workers: u64,
@@ -236,9 +237,9 @@ impl Counters {
         a.fetch_sub(n as u64, Ordering::Relaxed);
     }
 
-    fn finished(&self, outcome: Outcome) {
+    fn finished(&self, outcome: Outcome, n: usize) {
         let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.finished[i].fetch_add(1, Ordering::Relaxed);
+        self.finished[i].fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

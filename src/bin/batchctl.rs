@@ -1,6 +1,6 @@
 //! batchctl: run JSON Lines job files through a batchd daemon, and query it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -23,7 +23,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 /// Run batches of jobs on a batchd daemon: JSON Lines in, results out.
 #[derive(Debug, Parser)]
-#[command(name = "batchctl", version, about, max_term_width = 100)]
+#[command(name = "batchctl", version, max_term_width = 100)]
 struct Cli {
     /// The daemon's address
     #[arg(long, global = true, env = "BATCHD_ENDPOINT", default_value = client::DEFAULT_ENDPOINT)]
@@ -114,13 +114,9 @@ fn main() -> ExitCode {
             Command::Handlers => handlers(&cli.endpoint).await,
             Command::Health => health(&cli.endpoint).await,
             Command::Completions { shell } => {
-                clap_complete::generate(
-                    shell,
-                    &mut Cli::command(),
-                    "batchctl",
-                    &mut std::io::stdout(),
-                );
-                Ok(EXIT_OK)
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "batchctl", &mut script);
+                print(&script)
             }
         }
     });
@@ -128,29 +124,128 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match code {
         Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("batchctl: {e}");
-            ExitCode::from(exit_code(&e))
+        Err(fail) => {
+            eprintln!("batchctl: {}", fail.message);
+            ExitCode::from(fail.code)
         }
     }
 }
 
-fn exit_code(e: &ClientError) -> u8 {
-    match e {
-        ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
-        ClientError::BadEndpoint(..) | ClientError::BadLine(_) | ClientError::Input(_) => {
-            EXIT_INPUT
+/// Why batchctl stops early: the one line for stderr and the exit code.
+#[derive(Debug)]
+struct Fail {
+    code: u8,
+    message: String,
+}
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+            ClientError::BadEndpoint(..) | ClientError::BadLine(_) | ClientError::Input(_) => {
+                EXIT_INPUT
+            }
+            ClientError::JobLog(_) | ClientError::Output(_) | ClientError::Call(_) => EXIT_NOT_OK,
+        };
+        Self {
+            code,
+            message: e.to_string(),
         }
-        ClientError::JobLog(_) | ClientError::Output(_) | ClientError::Call(_) => EXIT_NOT_OK,
     }
 }
 
-async fn run(endpoint: &str, args: RunArgs) -> Result<u8, ClientError> {
+impl Fail {
+    fn io(code: u8, what: String, e: &std::io::Error) -> Self {
+        Self {
+            code,
+            message: format!("{what}: {e}"),
+        }
+    }
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends batchctl quietly.
+fn print(bytes: &[u8]) -> Result<u8, Fail> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(EXIT_OK),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(EXIT_OK),
+        Err(e) => Err(Fail::io(EXIT_NOT_OK, "cannot write the output".into(), &e)),
+    }
+}
+
+/// A path for messages, or what stands in for it.
+fn name(path: Option<&Path>, default: &str) -> String {
+    path.map_or_else(|| default.to_owned(), |p| p.display().to_string())
+}
+
+async fn run(endpoint: &str, args: RunArgs) -> Result<u8, Fail> {
+    let file = args.file.clone().filter(|p| p.as_os_str() != "-");
+    let input_name = name(file.as_deref(), "stdin");
+    let output_name = name(args.output.as_deref(), "stdout");
+    let joblog_name = name(args.joblog.as_deref(), "");
+
+    // First Ctrl-C cancels the run; a second one exits at once. Listening starts before anything
+    // else, so that even a Ctrl-C while connecting ends with a summary.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = first_tx.send(());
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\nbatchctl: interrupted again; exiting now");
+                std::process::exit(i32::from(EXIT_INTERRUPTED));
+            }
+        }
+    });
+    let res = run_jobs(
+        endpoint,
+        args,
+        file,
+        first_rx,
+        [&input_name, &output_name, &joblog_name],
+    )
+    .await;
+    watcher.abort();
+    res.map_err(|e| match e {
+        RunFail::Fail(f) => f,
+        RunFail::Client(ClientError::Input(e)) => {
+            Fail::io(EXIT_INPUT, format!("cannot read {input_name}"), &e)
+        }
+        RunFail::Client(ClientError::Output(e)) => {
+            Fail::io(EXIT_NOT_OK, format!("cannot write {output_name}"), &e)
+        }
+        RunFail::Client(ClientError::JobLog(e)) => {
+            Fail::io(EXIT_NOT_OK, format!("job log {joblog_name}"), &e)
+        }
+        RunFail::Client(e) => Fail::from(e),
+    })
+}
+
+/// A failure of `run_jobs`, before the paths are put into the message.
+enum RunFail {
+    Fail(Fail),
+    Client(ClientError),
+}
+
+impl From<ClientError> for RunFail {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
+}
+
+async fn run_jobs(
+    endpoint: &str,
+    args: RunArgs,
+    file: Option<PathBuf>,
+    interrupted: tokio::sync::oneshot::Receiver<()>,
+    [input_name, output_name, joblog_name]: [&String; 3],
+) -> Result<u8, RunFail> {
+    let io = |code, what: String| move |e: std::io::Error| RunFail::Fail(Fail::io(code, what, &e));
     let skip = match (&args.joblog, args.resume) {
         (Some(path), true) => match tokio::fs::read_to_string(path).await {
             Ok(text) => client::ok_ids(&text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
-            Err(e) => return Err(ClientError::JobLog(e)),
+            Err(e) => return Err(io(EXIT_INPUT, format!("cannot read job log {joblog_name}"))(e)),
         },
         _ => Default::default(),
     };
@@ -169,12 +264,11 @@ async fn run(endpoint: &str, args: RunArgs) -> Result<u8, ClientError> {
         skip,
         ..RunOptions::default()
     };
-    let file = args.file.filter(|p| p.as_os_str() != "-");
     let input: Box<dyn AsyncRead + Unpin + Send> = match &file {
         Some(path) => Box::new(
             tokio::fs::File::open(path)
                 .await
-                .map_err(ClientError::Input)?,
+                .map_err(io(EXIT_INPUT, format!("cannot read {input_name}")))?,
         ),
         None => Box::new(tokio::io::stdin()),
     };
@@ -182,7 +276,7 @@ async fn run(endpoint: &str, args: RunArgs) -> Result<u8, ClientError> {
         Some(path) => Box::new(
             tokio::fs::File::create(path)
                 .await
-                .map_err(ClientError::Output)?,
+                .map_err(io(EXIT_NOT_OK, format!("cannot write {output_name}")))?,
         ),
         None => Box::new(tokio::io::stdout()),
     };
@@ -193,7 +287,10 @@ async fn run(endpoint: &str, args: RunArgs) -> Result<u8, ClientError> {
                 .append(true)
                 .open(path)
                 .await
-                .map_err(ClientError::JobLog)?,
+                .map_err(io(
+                    EXIT_NOT_OK,
+                    format!("cannot open job log {joblog_name}"),
+                ))?,
         ),
         None => None,
     };
@@ -208,25 +305,20 @@ async fn run(endpoint: &str, args: RunArgs) -> Result<u8, ClientError> {
             }
         })
     });
-
-    let mut client = client::connect(endpoint).await?;
-    // First Ctrl-C cancels the call; a second one exits at once.
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
-    let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = first_tx.send(());
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\nbatchctl: interrupted again; exiting now");
-                std::process::exit(i32::from(EXIT_INTERRUPTED));
-            }
-        }
-    });
     let interrupt = async {
-        if first_rx.await.is_err() {
+        if interrupted.await.is_err() {
             std::future::pending::<()>().await;
         }
     };
+    tokio::pin!(interrupt);
 
+    let mut client = tokio::select! {
+        c = client::connect(endpoint) => c?,
+        () = &mut interrupt => {
+            eprintln!("batchctl: interrupted before any job was sent");
+            return Ok(EXIT_INTERRUPTED);
+        }
+    };
     let (summary, res) = client::run(
         &mut client,
         input,
@@ -238,7 +330,6 @@ async fn run(endpoint: &str, args: RunArgs) -> Result<u8, ClientError> {
     )
     .await;
     drop(progress);
-    watcher.abort();
     if let Some(counter) = counter {
         counter.abort();
     }
@@ -259,7 +350,7 @@ fn code_of(s: &Summary) -> u8 {
     }
 }
 
-fn count_lines(path: &std::path::Path) -> std::io::Result<u64> {
+fn count_lines(path: &Path) -> std::io::Result<u64> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 256 * 1024];
@@ -275,7 +366,7 @@ fn count_lines(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(n + u64::from(last != b'\n'))
 }
 
-async fn handlers(endpoint: &str) -> Result<u8, ClientError> {
+async fn handlers(endpoint: &str) -> Result<u8, Fail> {
     let mut client = client::connect(endpoint).await?;
     let list = client
         .list_handlers(batchd::proto::ListHandlersRequest {})
@@ -288,13 +379,14 @@ async fn handlers(endpoint: &str) -> Result<u8, ClientError> {
         .map(|h| h.name.len())
         .max()
         .unwrap_or(0);
+    let mut text = String::new();
     for h in list.handlers {
-        println!("{:width$}  {}", h.name, h.description);
+        text.push_str(&format!("{:width$}  {}\n", h.name, h.description));
     }
-    Ok(EXIT_OK)
+    print(text.as_bytes())
 }
 
-async fn health(endpoint: &str) -> Result<u8, ClientError> {
+async fn health(endpoint: &str) -> Result<u8, Fail> {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
@@ -307,7 +399,7 @@ async fn health(endpoint: &str) -> Result<u8, ClientError> {
         .map_err(ClientError::from_status)?
         .into_inner()
         .status();
-    println!("{}", status.as_str_name());
+    print(format!("{}\n", status.as_str_name()).as_bytes())?;
     Ok(if status == ServingStatus::Serving {
         EXIT_OK
     } else {

@@ -9,10 +9,11 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tokio_util::codec::FramedRead;
 use tonic::transport::Channel;
 
 use super::jobline::{self, LineDefaults, LineError};
+use super::lines::{Line, LineDecoder};
 use super::progress::Progress;
 use super::record::{LogRecord, ResultRecord};
 use super::{ClientError, Summary};
@@ -123,7 +124,8 @@ struct State<'a, W, L> {
     next_seq: u64,
     next_out: u64,
     building: Option<(String, Vec<proto::Job>)>,
-    outgoing: VecDeque<proto::ProcessRequest>,
+    /// Requests ready to send, with how many new (not retried) jobs each carries.
+    outgoing: VecDeque<(proto::ProcessRequest, u64)>,
     retries: BinaryHeap<Reverse<(Instant, u64, String)>>,
     started: Instant,
 }
@@ -140,8 +142,7 @@ where
         progress: &mut Progress,
         interrupt: impl Future<Output = ()>,
     ) -> Result<(), ClientError> {
-        let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE);
-        let mut lines = FramedRead::new(input, codec);
+        let mut lines = FramedRead::new(input, LineDecoder::new(MAX_LINE));
         let mut input_done = false;
         let mut line_no = 0u64;
 
@@ -189,7 +190,10 @@ where
                 () = sleep_until(retry_at), if retry_at.is_some() => self.resend_due(),
                 permit = reserve(sender.as_ref()), if !self.outgoing.is_empty() && sender.is_some() => {
                     match (permit, self.outgoing.pop_front()) {
-                        (Some(permit), Some(req)) => permit.send(req),
+                        (Some(permit), Some((req, new_jobs))) => {
+                            permit.send(req);
+                            self.summary.sent += new_jobs;
+                        }
                         // The call ended; its status arrives on the response stream.
                         _ => tx = None,
                     }
@@ -233,25 +237,21 @@ where
     fn line(
         &mut self,
         line_no: u64,
-        frame: Result<bytes::Bytes, AnyDelimiterCodecError>,
+        frame: Result<Line, std::io::Error>,
         progress: &mut Progress,
     ) -> Result<(), ClientError> {
-        let parsed = match frame {
-            Ok(bytes) => {
-                let bytes = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
-                match std::str::from_utf8(bytes) {
-                    Ok(text) => jobline::parse(line_no, text, &self.opts.defaults),
-                    Err(_) => Err(LineError {
-                        line: line_no,
-                        reason: "not valid UTF-8".into(),
-                    }),
-                }
-            }
-            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => Err(LineError {
+        let parsed = match frame.map_err(ClientError::Input)? {
+            Line::Text(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => jobline::parse(line_no, text, &self.opts.defaults),
+                Err(_) => Err(LineError {
+                    line: line_no,
+                    reason: "not valid UTF-8".into(),
+                }),
+            },
+            Line::TooLong => Err(LineError {
                 line: line_no,
-                reason: format!("longer than {MAX_LINE} bytes"),
+                reason: format!("longer than {MAX_LINE} bytes; skipped"),
             }),
-            Err(AnyDelimiterCodecError::Io(e)) => return Err(ClientError::Input(e)),
         };
         let job = match parsed {
             Ok(Some(job)) => job,
@@ -283,7 +283,6 @@ where
                 job: (self.opts.retry > 0).then(|| job.job.clone()),
             },
         );
-        self.summary.sent += 1;
         self.building
             .get_or_insert_with(|| (job.batch, Vec::new()))
             .1
@@ -302,7 +301,8 @@ where
 
     fn flush_batch(&mut self) {
         if let Some((batch_id, jobs)) = self.building.take() {
-            self.outgoing.push_back(batch(batch_id, jobs));
+            let n = jobs.len() as u64;
+            self.outgoing.push_back((batch(batch_id, jobs), n));
         }
     }
 
@@ -318,7 +318,7 @@ where
             if let Some(t) = self.inflight.get(&id) {
                 if let Some(job) = &t.job {
                     self.outgoing
-                        .push_back(batch(t.batch.clone(), vec![job.clone()]));
+                        .push_back((batch(t.batch.clone(), vec![job.clone()]), 0));
                 }
             }
         }

@@ -471,7 +471,7 @@ where
 
     fn push_ready(&mut self, result: JobResult) {
         let stats = &self.engine.stats;
-        stats.finished(result.outcome);
+        stats.finished(result.outcome, 1);
         Counters::add(&stats.results_buffered, 1);
         self.ready.push_back(result);
     }
@@ -499,6 +499,7 @@ where
         let running = self.jobs.values().filter(|s| s.running.is_some()).count();
         Counters::sub(&stats.jobs_running, running);
         Counters::sub(&stats.jobs_queued, self.jobs.len() - running);
+        stats.finished(Outcome::Cancelled, self.jobs.len());
         self.jobs.clear();
         self.pending = None;
         self.lane.release_all();
@@ -558,6 +559,7 @@ impl<S> Drop for Session<S> {
         let running = self.jobs.values().filter(|s| s.running.is_some()).count();
         Counters::sub(&stats.jobs_running, running);
         Counters::sub(&stats.jobs_queued, self.jobs.len() - running);
+        stats.finished(Outcome::Cancelled, self.jobs.len());
         Counters::sub(&stats.results_buffered, self.ready.len());
         Counters::sub(&stats.calls_open, 1);
     }

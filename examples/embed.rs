@@ -1,6 +1,8 @@
 //! Embeds batchd with a handler of your own: `cargo run --example embed`, then send jobs with
 //! `handler: "upper"` to 127.0.0.1:50052.
 
+use std::sync::Arc;
+
 use batchd::handlers::{HandlerError, JobContext, JobInput, Params};
 use batchd::{Config, Handler, Registry, Server};
 use bytes::Bytes;
@@ -21,7 +23,7 @@ impl Handler for Upper {
         }
     }
 
-    async fn run(&self, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
+    async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
         let text = std::str::from_utf8(&input.payload)
             .map_err(|e| HandlerError(format!("payload is not UTF-8: {e}")))?
             .to_owned();

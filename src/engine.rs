@@ -6,6 +6,8 @@
 //! the session task and with it every job future, timer and buffer of the call.
 
 mod job;
+mod outbox;
+mod running;
 mod scheduler;
 mod session;
 
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -24,7 +26,7 @@ use crate::handlers::{CpuPool, Registry};
 
 pub use job::{Command, JobRequest, JobResult, Outcome};
 use scheduler::Scheduler;
-use session::Session;
+use session::{Outgoing, Session};
 
 /// Most bytes of results coalesced into one response: the default receive limit of gRPC clients.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -115,7 +117,7 @@ pub struct Call {
 /// The results of one call; dropping it stops everything the call started.
 #[derive(Debug)]
 pub struct ResultStream {
-    rx: mpsc::Receiver<Result<Vec<JobResult>, Error>>,
+    rx: outbox::Receiver<Outgoing>,
     _cancel_on_drop: DropGuard,
 }
 
@@ -252,8 +254,8 @@ impl Call {
         S: Stream<Item = Result<Command, Error>> + Send + Unpin + 'static,
     {
         let token = self.engine.root.child_token();
-        // One message may wait in the channel while the next results coalesce in the session.
-        let (tx, rx) = mpsc::channel(1);
+        // One message may wait for the transport while the next results coalesce in the session.
+        let (tx, rx) = outbox::outbox();
         let session = Session::new(
             Arc::clone(&self.engine),
             token.clone(),
@@ -276,7 +278,7 @@ impl Stream for ResultStream {
     type Item = Result<Vec<JobResult>, Error>;
 
     fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         self.rx.poll_recv(cx)

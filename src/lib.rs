@@ -9,9 +9,10 @@
 //! - [`error`]: the error type and its one mapping to gRPC status codes.
 //! - [`client`]: the client side shared by `batchctl`, tests and Rust users.
 //! - [`telemetry`]: logging set-up.
-//! - [`proto`]: generated protobuf and gRPC code.
+//! - [`proto`]: generated protobuf and gRPC code, and [`codec`], its small-buffer codec.
 
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -234,7 +234,11 @@ impl Handler for Gate {
         "Waits until the test opens the gate, then returns the payload."
     }
 
-    async fn run(&self, input: JobInput, _ctx: JobContext) -> Result<Bytes, HandlerError> {
+    async fn run(
+        self: Arc<Self>,
+        input: JobInput,
+        _ctx: JobContext,
+    ) -> Result<Bytes, HandlerError> {
         self.0.acquire().await.unwrap().forget();
         Ok(input.payload)
     }

@@ -723,7 +723,11 @@ impl Handler for Gate {
         "test: records its start, then waits for the test to let it finish"
     }
 
-    async fn run(&self, input: JobInput, _ctx: JobContext) -> Result<Bytes, HandlerError> {
+    async fn run(
+        self: Arc<Self>,
+        input: JobInput,
+        _ctx: JobContext,
+    ) -> Result<Bytes, HandlerError> {
         self.started.lock().unwrap().push(input.payload.clone());
         self.permits
             .acquire()

@@ -5,8 +5,7 @@
 //! the task returns and drops all of it; there is nothing else to clean up.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::{poll_fn, Future};
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,10 +13,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, Stream, StreamExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::job::{Command, JobRequest, JobResult, Outcome};
+use super::outbox::Sender;
+use super::running::{Finished, RunningJob};
 use super::scheduler::Lane;
 use super::{Counters, Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
@@ -26,8 +27,11 @@ use crate::handlers::{quote, Handler, JobContext, JobInput, Params};
 /// How long a session cut off by shutdown tries to hand over its last results.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
-type Outbox = mpsc::Sender<Result<Vec<JobResult>, Error>>;
-type JobFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
+/// What the session hands to the response stream: results, or the status that ends the call.
+pub(super) type Outgoing = Result<Vec<JobResult>, Error>;
+
+/// Unfinished jobs by id; foldhash is several times faster than SipHash and still seeded per process.
+type Jobs = HashMap<String, Slot, foldhash::fast::RandomState>;
 
 /// The state of one call.
 pub(super) struct Session<S> {
@@ -43,11 +47,11 @@ pub(super) struct Session<S> {
     queue: VecDeque<Queued>,
     stale: usize,
     /// Every unfinished job by id.
-    jobs: HashMap<String, Slot>,
-    running: FuturesUnordered<JobFuture>,
+    jobs: Jobs,
+    running: FuturesUnordered<RunningJob>,
     /// Results waiting for the transport.
     ready: VecDeque<JobResult>,
-    out: Outbox,
+    out: Sender<Outgoing>,
     deadline: Option<Instant>,
     lane: Lane,
     next_seq: u64,
@@ -71,14 +75,6 @@ struct Slot {
     running: Option<(CancellationToken, Instant)>,
 }
 
-/// What a job future returns.
-struct Finished {
-    id: String,
-    outcome: Outcome,
-    output: Bytes,
-    error: String,
-}
-
 /// How the call ends.
 enum End {
     /// Every job is done and the client half-closed: the stream ends with OK.
@@ -97,7 +93,7 @@ where
         engine: Arc<Inner>,
         token: CancellationToken,
         inbound: S,
-        out: Outbox,
+        out: Sender<Outgoing>,
         deadline: Option<Instant>,
         permit: OwnedSemaphorePermit,
     ) -> Self {
@@ -112,7 +108,7 @@ where
             pending: None,
             queue: VecDeque::new(),
             stale: 0,
-            jobs: HashMap::new(),
+            jobs: Jobs::default(),
             running: FuturesUnordered::new(),
             ready: VecDeque::new(),
             out,
@@ -130,7 +126,9 @@ where
             End::Status(e) => {
                 tracing::debug!(error = %e, "call ended");
                 self.stop_all();
-                let _ = tokio::time::timeout(FINAL_FLUSH, self.out.send(Err(e))).await;
+                if let Ok(Ok(())) = tokio::time::timeout(FINAL_FLUSH, self.out.ready()).await {
+                    self.out.send(Err(e));
+                }
             }
         }
     }
@@ -146,8 +144,6 @@ where
             }
         };
         tokio::pin!(cancelled, draining, deadline);
-        // A second handle, so that a reserved permit does not borrow `self`.
-        let out = self.out.clone();
         loop {
             if let Err(e) = self.admit_pending() {
                 return End::Status(e);
@@ -171,8 +167,11 @@ where
                 _ = &mut draining, if self.reading => self.reading = false,
                 Some(done) = self.running.next(), if !self.running.is_empty() => self.finished_all(done),
                 n = poll_fn(|cx| self.lane.poll_take(cx)), if !self.queue.is_empty() => self.start(n),
-                permit = out.reserve(), if !self.ready.is_empty() => match permit {
-                    Ok(permit) => permit.send(Ok(self.take_ready())),
+                ready = poll_fn(|cx| self.out.poll_ready(cx)), if !self.ready.is_empty() => match ready {
+                    Ok(()) => {
+                        let results = self.take_ready();
+                        self.out.send(Ok(results));
+                    }
                     Err(_) => return End::Gone,
                 },
                 msg = self.inbound.next(), if can_read => match msg {
@@ -236,12 +235,16 @@ where
         let Some((batch_id, mut jobs)) = self.pending.take() else {
             return Ok(());
         };
+        let room = self.window().saturating_sub(self.held());
+        self.queue.reserve(room.min(jobs.len()));
+        // Jobs admitted together share one clock reading.
+        let now = Instant::now();
         let mut admitted = 0;
         while self.held() < self.window() {
             let Some(job) = jobs.next() else {
                 break;
             };
-            admitted += usize::from(self.admit(&batch_id, job));
+            admitted += usize::from(self.admit(&batch_id, job, now));
         }
         if jobs.len() > 0 {
             self.pending = Some((batch_id, jobs));
@@ -251,24 +254,34 @@ where
     }
 
     /// Admits one job, or puts its REJECTED result in the outbox. Returns whether it was admitted.
-    fn admit(&mut self, batch_id: &Arc<str>, job: JobRequest) -> bool {
-        match self.check(&job) {
-            Err(reason) => {
+    fn admit(&mut self, batch_id: &Arc<str>, job: JobRequest, now: Instant) -> bool {
+        let checked = self.check(&job);
+        let vacant = match (checked.is_ok(), self.jobs.entry(job.id.clone())) {
+            (true, std::collections::hash_map::Entry::Vacant(v)) => Some(v),
+            _ => None,
+        };
+        match (checked, vacant) {
+            (Err(reason), _) => {
                 self.push_ready(JobResult::rejected(job.id, Arc::clone(batch_id), reason));
                 false
             }
-            Ok((handler, timeout)) => {
+            (Ok(_), None) => {
+                let reason = format!(
+                    "job id {} is already used by an unfinished job of this call",
+                    quote(&job.id)
+                );
+                self.push_ready(JobResult::rejected(job.id, Arc::clone(batch_id), reason));
+                false
+            }
+            (Ok((handler, timeout)), Some(vacant)) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.jobs.insert(
-                    job.id.clone(),
-                    Slot {
-                        seq,
-                        batch_id: Arc::clone(batch_id),
-                        admitted: Instant::now(),
-                        running: None,
-                    },
-                );
+                vacant.insert(Slot {
+                    seq,
+                    batch_id: Arc::clone(batch_id),
+                    admitted: now,
+                    running: None,
+                });
                 self.queue.push_back(Queued {
                     seq,
                     id: job.id,
@@ -290,12 +303,6 @@ where
         let limits = &self.engine.limits;
         if job.id.is_empty() {
             return Err("job id is empty".into());
-        }
-        if self.jobs.contains_key(&job.id) {
-            return Err(format!(
-                "job id {} is already used by an unfinished job of this call",
-                quote(&job.id)
-            ));
         }
         let Some(handler) = self.engine.registry.get(&job.handler) else {
             return Err(format!(
@@ -323,104 +330,70 @@ where
 
     /// Starts up to `n` queued jobs on freshly granted slots; gives back the slots it cannot use.
     fn start(&mut self, mut n: usize) {
+        let now = Instant::now();
+        let mut started = 0;
         while n > 0 {
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
-            let live = self
-                .jobs
-                .get(&q.id)
-                .is_some_and(|s| s.seq == q.seq && s.running.is_none());
-            if !live {
-                self.stale = self.stale.saturating_sub(1);
-                continue;
-            }
+            let cancel = match self.jobs.get_mut(&q.id) {
+                Some(slot) if slot.seq == q.seq && slot.running.is_none() => {
+                    let cancel = CancellationToken::new();
+                    slot.running = Some((cancel.clone(), now));
+                    cancel
+                }
+                _ => {
+                    // Cancelled while queued.
+                    self.stale = self.stale.saturating_sub(1);
+                    continue;
+                }
+            };
             n -= 1;
-            self.launch(q);
+            started += 1;
+            let ctx = JobContext::new(cancel.clone(), self.engine.cpu.clone());
+            let work = Arc::clone(&q.handler).run(
+                JobInput {
+                    payload: q.payload,
+                    params: q.params,
+                },
+                ctx,
+            );
+            self.running.push(RunningJob::new(
+                q.id,
+                work,
+                now,
+                q.timeout,
+                cancel,
+                self.engine.limits.max_output,
+            ));
         }
-        self.lane.release(n);
-    }
-
-    fn launch(&mut self, q: Queued) {
-        let cancel = CancellationToken::new();
-        let now = Instant::now();
-        if let Some(slot) = self.jobs.get_mut(&q.id) {
-            slot.running = Some((cancel.clone(), now));
+        if self.queue.is_empty() {
+            // An idle call keeps no queue memory; admission reserves again per batch.
+            self.queue = VecDeque::new();
+            self.stale = 0;
         }
         let stats = &self.engine.stats;
-        Counters::sub(&stats.jobs_queued, 1);
-        Counters::add(&stats.jobs_running, 1);
-        let ctx = JobContext::new(cancel.clone(), self.engine.cpu.clone());
-        let max_output = self.engine.limits.max_output;
-        let Queued {
-            id,
-            handler,
-            payload,
-            params,
-            timeout,
-            ..
-        } = q;
-        self.running.push(Box::pin(async move {
-            // Dropping this future (the call went away) cancels the token blocking work watches.
-            let _stop_on_drop = cancel.clone().drop_guard();
-            let work = handler.run(JobInput { payload, params }, ctx);
-            let res = tokio::select! {
-                biased;
-                r = tokio::time::timeout(timeout, work) => Some(r),
-                _ = cancel.cancelled() => None,
-            };
-            let (outcome, output, error) = match res {
-                None => (
-                    Outcome::Cancelled,
-                    Bytes::new(),
-                    "cancelled by CancelJobs".into(),
-                ),
-                Some(Err(_)) => (
-                    Outcome::TimedOut,
-                    Bytes::new(),
-                    format!("timed out after {}", humantime::format_duration(timeout)),
-                ),
-                Some(Ok(Ok(out))) if out.len() > max_output => (
-                    Outcome::Failed,
-                    Bytes::new(),
-                    format!(
-                        "output of {} bytes is over max_output ({max_output} bytes)",
-                        out.len()
-                    ),
-                ),
-                Some(Ok(Ok(out))) => (Outcome::Ok, out, String::new()),
-                Some(Ok(Err(_))) if cancel.is_cancelled() => (
-                    Outcome::Cancelled,
-                    Bytes::new(),
-                    "cancelled by CancelJobs".into(),
-                ),
-                Some(Ok(Err(e))) => (Outcome::Failed, Bytes::new(), e.0),
-            };
-            Finished {
-                id,
-                outcome,
-                output,
-                error,
-            }
-        }));
+        Counters::sub(&stats.jobs_queued, started);
+        Counters::add(&stats.jobs_running, started);
+        self.lane.release(n);
     }
 
     /// Records `first` and every other job that has already finished, so their results coalesce.
     fn finished_all(&mut self, first: Finished) {
-        let mut freed = usize::from(self.finished(first));
+        let now = Instant::now();
+        let mut freed = usize::from(self.finished(first, now));
         while let Some(Some(done)) = self.running.next().now_or_never() {
-            freed += usize::from(self.finished(done));
+            freed += usize::from(self.finished(done, now));
         }
         Counters::sub(&self.engine.stats.jobs_running, freed);
         self.lane.release(freed);
     }
 
     /// Records one finished job; returns whether it held a worker slot.
-    fn finished(&mut self, done: Finished) -> bool {
+    fn finished(&mut self, done: Finished, now: Instant) -> bool {
         let Some(slot) = self.jobs.remove(&done.id) else {
             return false;
         };
-        let now = Instant::now();
         let started = slot.running.map_or(now, |(_, at)| at);
         self.push_ready(JobResult {
             job_id: done.id,
@@ -488,6 +461,10 @@ where
             n += 1;
         }
         Counters::sub(&self.engine.stats.results_buffered, n);
+        if n == self.ready.len() {
+            // Usually everything fits: hand over the buffer itself and keep none.
+            return Vec::from(std::mem::take(&mut self.ready));
+        }
         self.ready.drain(..n).collect()
     }
 
@@ -541,10 +518,11 @@ where
         self.stop_all();
         let flush = async {
             while !self.ready.is_empty() {
-                let batch = self.take_ready();
-                if self.out.send(Ok(batch)).await.is_err() {
+                if self.out.ready().await.is_err() {
                     return;
                 }
+                let results = self.take_ready();
+                self.out.send(Ok(results));
             }
         };
         let _ = tokio::time::timeout(FINAL_FLUSH, flush).await;

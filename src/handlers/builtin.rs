@@ -1,5 +1,6 @@
 //! Built-in handlers: `echo`, `sleep`, `sha256` and `spin`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -73,7 +74,11 @@ impl Handler for Echo {
         no_params(params)
     }
 
-    async fn run(&self, input: JobInput, _ctx: JobContext) -> Result<Bytes, HandlerError> {
+    async fn run(
+        self: Arc<Self>,
+        input: JobInput,
+        _ctx: JobContext,
+    ) -> Result<Bytes, HandlerError> {
         Ok(input.payload)
     }
 }
@@ -88,7 +93,11 @@ impl Handler for Sleep {
         only_ms(params).map(drop)
     }
 
-    async fn run(&self, input: JobInput, _ctx: JobContext) -> Result<Bytes, HandlerError> {
+    async fn run(
+        self: Arc<Self>,
+        input: JobInput,
+        _ctx: JobContext,
+    ) -> Result<Bytes, HandlerError> {
         let ms = only_ms(&input.params).map_err(HandlerError)?;
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Ok(input.payload)
@@ -105,7 +114,7 @@ impl Handler for Sha256 {
         no_params(params)
     }
 
-    async fn run(&self, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
+    async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
         let payload = input.payload;
         if payload.len() < SHA256_INLINE_MAX {
             return Ok(Bytes::copy_from_slice(&sha2::Sha256::digest(&payload)));
@@ -126,7 +135,7 @@ impl Handler for Spin {
         only_ms(params).map(drop)
     }
 
-    async fn run(&self, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
+    async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
         let ms = only_ms(&input.params).map_err(HandlerError)?;
         let finished = ctx
             .run_cpu(move |cancel| {
@@ -179,7 +188,10 @@ mod tests {
 
     #[tokio::test]
     async fn sha256_is_the_raw_digest() {
-        let out = Sha256.run(input(b"abc", &[]), ctx().1).await.unwrap();
+        let out = Arc::new(Sha256)
+            .run(input(b"abc", &[]), ctx().1)
+            .await
+            .unwrap();
         assert_eq!(out.len(), 32);
         assert_eq!(
             out[..4],
@@ -205,7 +217,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spin_stops_when_cancelled() {
         let (cancel, ctx) = ctx();
-        let job = tokio::spawn(Spin.run(input(b"", &[("ms", "60000")]), ctx));
+        let job = tokio::spawn(Arc::new(Spin).run(input(b"", &[("ms", "60000")]), ctx));
         cancel.cancel();
         let res = tokio::time::timeout(Duration::from_secs(5), job)
             .await

@@ -12,7 +12,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::job::Outcome;
 use crate::handlers::HandlerError;
 
-type Work = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>;
+/// A handler's future.
+pub(super) type Work = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>;
+
+const CANCELLED: &str = "cancelled by CancelJobs";
 
 /// How a job ended, as its session records it.
 pub(super) struct Finished {
@@ -71,28 +74,55 @@ impl RunningJob {
     }
 
     fn handler_returned(&mut self, res: Result<Bytes, HandlerError>) -> Finished {
-        match res {
-            Ok(out) if out.len() > self.max_output => {
-                let error = format!(
-                    "output of {} bytes is over max_output ({} bytes)",
-                    out.len(),
-                    self.max_output
-                );
-                self.finish(Outcome::Failed, Bytes::new(), error)
-            }
-            Ok(out) => self.finish(Outcome::Ok, out, String::new()),
-            // A handler that noticed the cancellation and gave up was cancelled, not failed.
-            Err(_) if self.cancel.is_cancelled() => self.cancelled(),
-            Err(e) => self.finish(Outcome::Failed, Bytes::new(), e.0),
-        }
+        self.done = true;
+        conclude(
+            std::mem::take(&mut self.id),
+            res,
+            &self.cancel,
+            self.max_output,
+        )
+    }
+
+    /// The job's id.
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Asks the job to stop (CancelJobs); it ends CANCELLED on its next poll unless already done.
+    pub(super) fn cancel(&self) {
+        self.cancel.cancel();
     }
 
     fn cancelled(&mut self) -> Finished {
-        self.finish(
-            Outcome::Cancelled,
-            Bytes::new(),
-            "cancelled by CancelJobs".into(),
-        )
+        self.finish(Outcome::Cancelled, Bytes::new(), CANCELLED.into())
+    }
+}
+
+/// The outcome of a handler that returned `res`.
+pub(super) fn conclude(
+    id: String,
+    res: Result<Bytes, HandlerError>,
+    cancel: &CancellationToken,
+    max_output: usize,
+) -> Finished {
+    let (outcome, output, error) = match res {
+        Ok(out) if out.len() > max_output => {
+            let error = format!(
+                "output of {} bytes is over max_output ({max_output} bytes)",
+                out.len()
+            );
+            (Outcome::Failed, Bytes::new(), error)
+        }
+        Ok(out) => (Outcome::Ok, out, String::new()),
+        // A handler that noticed the cancellation and gave up was cancelled, not failed.
+        Err(_) if cancel.is_cancelled() => (Outcome::Cancelled, Bytes::new(), CANCELLED.into()),
+        Err(e) => (Outcome::Failed, Bytes::new(), e.0),
+    };
+    Finished {
+        id,
+        outcome,
+        output,
+        error,
     }
 }
 

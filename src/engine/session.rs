@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::job::{Command, JobRequest, JobResult, Outcome};
 use super::outbox::Sender;
-use super::running::{Finished, RunningJob};
+use super::running::{conclude, Finished, RunningJob};
 use super::scheduler::Lane;
 use super::{Counters, Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
@@ -71,8 +71,8 @@ struct Slot {
     seq: u64,
     batch_id: Arc<str>,
     admitted: Instant,
-    /// The job's token once it runs.
-    running: Option<(CancellationToken, Instant)>,
+    /// When the job started, once it runs.
+    running: Option<Instant>,
 }
 
 /// How the call ends.
@@ -222,8 +222,17 @@ where
                 } else {
                     job_ids
                 };
+                let mut signal = std::collections::HashSet::new();
                 for id in ids {
-                    self.cancel(&id, &batch_id);
+                    if self.cancel(&id, &batch_id) {
+                        signal.insert(id);
+                    }
+                }
+                if !signal.is_empty() {
+                    self.running
+                        .iter()
+                        .filter(|job| signal.contains(job.id()))
+                        .for_each(RunningJob::cancel);
                 }
             }
         }
@@ -329,43 +338,45 @@ where
     }
 
     /// Starts up to `n` queued jobs on freshly granted slots; gives back the slots it cannot use.
+    ///
+    /// Each handler is polled once right away: a job that finishes on that poll (echo, a small hash,
+    /// a handler that fails fast) is recorded at once and never becomes a future to track.
     fn start(&mut self, mut n: usize) {
         let now = Instant::now();
-        let mut started = 0;
+        let max_output = self.engine.limits.max_output;
+        let (mut started, mut done) = (0, 0);
         while n > 0 {
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
-            let cancel = match self.jobs.get_mut(&q.id) {
+            match self.jobs.get_mut(&q.id) {
                 Some(slot) if slot.seq == q.seq && slot.running.is_none() => {
-                    let cancel = CancellationToken::new();
-                    slot.running = Some((cancel.clone(), now));
-                    cancel
+                    slot.running = Some(now);
                 }
                 _ => {
                     // Cancelled while queued.
                     self.stale = self.stale.saturating_sub(1);
                     continue;
                 }
-            };
+            }
             n -= 1;
             started += 1;
+            let cancel = CancellationToken::new();
             let ctx = JobContext::new(cancel.clone(), self.engine.cpu.clone());
-            let work = Arc::clone(&q.handler).run(
-                JobInput {
-                    payload: q.payload,
-                    params: q.params,
-                },
-                ctx,
-            );
-            self.running.push(RunningJob::new(
-                q.id,
-                work,
-                now,
-                q.timeout,
-                cancel,
-                self.engine.limits.max_output,
-            ));
+            let input = JobInput {
+                payload: q.payload,
+                params: q.params,
+            };
+            let mut work = Arc::clone(&q.handler).run(input, ctx);
+            match (&mut work).now_or_never() {
+                Some(res) => {
+                    done +=
+                        usize::from(self.finished(conclude(q.id, res, &cancel, max_output), now));
+                }
+                None => self.running.push(RunningJob::new(
+                    q.id, work, now, q.timeout, cancel, max_output,
+                )),
+            }
         }
         if self.queue.is_empty() {
             // An idle call keeps no queue memory; admission reserves again per batch.
@@ -374,8 +385,8 @@ where
         }
         let stats = &self.engine.stats;
         Counters::sub(&stats.jobs_queued, started);
-        Counters::add(&stats.jobs_running, started);
-        self.lane.release(n);
+        Counters::add(&stats.jobs_running, started - done);
+        self.lane.release(n + done);
     }
 
     /// Records `first` and every other job that has already finished, so their results coalesce.
@@ -394,7 +405,7 @@ where
         let Some(slot) = self.jobs.remove(&done.id) else {
             return false;
         };
-        let started = slot.running.map_or(now, |(_, at)| at);
+        let started = slot.running.unwrap_or(now);
         self.push_ready(JobResult {
             job_id: done.id,
             batch_id: slot.batch_id,
@@ -407,20 +418,20 @@ where
         true
     }
 
-    /// Cancels one unfinished job of `batch_id`: a queued one ends now, a running one is signalled.
-    fn cancel(&mut self, id: &str, batch_id: &str) {
+    /// Cancels one unfinished job of `batch_id`: a queued one ends now. Returns whether the job is
+    /// running, so that the caller signals it.
+    fn cancel(&mut self, id: &str, batch_id: &str) -> bool {
         let Some(slot) = self.jobs.get(id) else {
-            return;
+            return false;
         };
         if *slot.batch_id != *batch_id {
-            return;
+            return false;
         }
-        if let Some((token, _)) = &slot.running {
-            token.cancel();
-            return;
+        if slot.running.is_some() {
+            return true;
         }
         let Some((id, slot)) = self.jobs.remove_entry(id) else {
-            return;
+            return false;
         };
         Counters::sub(&self.engine.stats.jobs_queued, 1);
         self.lane.unwant(1);
@@ -440,6 +451,7 @@ where
             queued: Some(slot.admitted.elapsed()),
             ran: Some(Duration::ZERO),
         });
+        false
     }
 
     fn push_ready(&mut self, result: JobResult) {
@@ -496,7 +508,7 @@ where
         let stats = &engine.stats;
         for (id, slot) in jobs {
             let (queued, ran) = match slot.running {
-                Some((_, started)) => {
+                Some(started) => {
                     Counters::sub(&stats.jobs_running, 1);
                     (started - slot.admitted, now - started)
                 }

@@ -43,6 +43,10 @@ pub struct Config {
     pub max_job_timeout: Duration,
     /// HTTP/2 streams (calls) per client connection.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of one call: request bytes buffered before the client must wait.
+    pub http2_stream_window: ByteSize,
+    /// HTTP/2 flow-control window of one connection, shared by its calls.
+    pub http2_connection_window: ByteSize,
     /// Interval of HTTP/2 keepalive pings that catch vanished peers; 0s turns them off.
     #[serde(with = "units::duration")]
     pub keepalive_interval: Duration,
@@ -132,6 +136,8 @@ impl Default for Config {
             default_job_timeout: Duration::from_secs(60),
             max_job_timeout: Duration::from_secs(3600),
             max_concurrent_streams: 1024,
+            http2_stream_window: ByteSize(256 * 1024),
+            http2_connection_window: ByteSize::mib(1),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
@@ -256,6 +262,15 @@ impl Config {
         }
         if self.max_concurrent_streams == 0 {
             return invalid("max_concurrent_streams", "must be at least 1");
+        }
+        for (field, window) in [
+            ("http2_stream_window", self.http2_stream_window),
+            ("http2_connection_window", self.http2_connection_window),
+        ] {
+            // RFC 9113: at least the initial 64 KiB - 1, at most 2^31 - 1.
+            if window < ByteSize(65_535) || window.0 > (1 << 31) - 1 {
+                return invalid(field, "must be between 65535 and 2147483647 bytes");
+            }
         }
         if !self.keepalive_interval.is_zero() && self.keepalive_timeout.is_zero() {
             return invalid(

@@ -18,6 +18,11 @@ use crate::service::Service;
 /// How long, after the grace period, calls get to deliver their last results and close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A flow-control window as h2 takes it (validated to fit in 31 bits).
+fn window(size: crate::config::ByteSize) -> u32 {
+    u32::try_from(size.0).unwrap_or(u32::MAX >> 1)
+}
+
 /// The daemon, built from a config and the handlers it runs.
 #[derive(Debug)]
 pub struct Server {
@@ -72,6 +77,8 @@ impl Server {
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .max_concurrent_streams(Some(config.max_concurrent_streams))
+            .initial_stream_window_size(window(config.http2_stream_window))
+            .initial_connection_window_size(window(config.http2_connection_window))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)

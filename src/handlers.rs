@@ -4,7 +4,7 @@ mod builtin;
 mod cpu;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
@@ -24,10 +24,12 @@ pub struct JobInput {
     pub params: Params,
 }
 
-/// What a running job may use besides its input: its cancellation signal and the CPU pool.
-#[derive(Debug, Clone)]
+/// What a running job may use besides its input: a cancellation token for work that outlives the
+/// job's future, and the CPU pool.
+#[derive(Debug)]
 pub struct JobContext {
-    cancel: CancellationToken,
+    /// Made on first use: most jobs never need one.
+    cancel: OnceLock<CancellationToken>,
     cpu: CpuPool,
 }
 
@@ -39,8 +41,8 @@ pub struct HandlerError(pub String);
 /// Runs jobs of one kind. Implement it to embed batchd with your own work.
 ///
 /// A handler must stop promptly once the job is cancelled: its future is dropped when the job is
-/// cancelled, times out, or its call goes away, and blocking work started through
-/// [`JobContext::run_cpu`] is asked to stop through its token.
+/// cancelled, times out, or its call goes away. Work that outlives the future (blocking work,
+/// processes) watches [`JobContext::cancel_token`], which fires when the job's context is dropped.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// One line for `ListHandlers`: what it does, its params and its output.
@@ -77,25 +79,37 @@ pub fn quote(s: &str) -> String {
 // === impl JobContext ===
 
 impl JobContext {
-    /// A context for a job that stops when `cancel` fires.
-    pub fn new(cancel: CancellationToken, cpu: CpuPool) -> Self {
-        Self { cancel, cpu }
+    /// A context for one job, running CPU-bound work on `cpu`.
+    pub fn new(cpu: CpuPool) -> Self {
+        Self {
+            cancel: OnceLock::new(),
+            cpu,
+        }
     }
 
-    /// The job's cancellation signal.
+    /// A token that fires when the job ends: finished, cancelled, timed out or abandoned by its call.
     pub fn cancel_token(&self) -> &CancellationToken {
-        &self.cancel
+        self.cancel.get_or_init(CancellationToken::new)
     }
 
     /// Runs CPU-bound `work` on the bounded CPU pool, so it never stalls the async runtime.
     ///
-    /// `work` receives the job's token and must return soon after it is cancelled.
+    /// `work` receives a token and must return soon after it is cancelled: when the job ends, or
+    /// when the future of this call is dropped.
     pub async fn run_cpu<F, R>(&self, work: F) -> Result<R, HandlerError>
     where
         F: FnOnce(&CancellationToken) -> R + Send + 'static,
         R: Send + 'static,
     {
-        self.cpu.run(self.cancel.clone(), work).await
+        self.cpu.run(self.cancel_token().child_token(), work).await
+    }
+}
+
+impl Drop for JobContext {
+    fn drop(&mut self) {
+        if let Some(token) = self.cancel.get() {
+            token.cancel();
+        }
     }
 }
 

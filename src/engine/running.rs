@@ -1,21 +1,18 @@
-//! A started job: its handler's future under the job's timeout and cancellation token.
+//! A started job: its handler's future under the job's timeout, stoppable by CancelJobs.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::job::Outcome;
 use crate::handlers::HandlerError;
 
 /// A handler's future.
 pub(super) type Work = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>;
-
-const CANCELLED: &str = "cancelled by CancelJobs";
 
 /// How a job ended, as its session records it.
 pub(super) struct Finished {
@@ -25,19 +22,20 @@ pub(super) struct Finished {
     pub(super) error: String,
 }
 
-/// The future of one running job. The timer and the cancellation wait are armed only when the
-/// handler does not finish on its first poll, so instant jobs cost neither. Dropping it before it
-/// finished cancels the job's token, which CPU-pool work watches.
+/// The future of one running job. Its timer is armed only when the handler does not finish on its
+/// first poll, so instant jobs never touch the timer wheel. Dropping it drops the handler's future
+/// and with it the job's context, whose token stops any work that outlives the future.
 pub(super) struct RunningJob {
     id: String,
     work: Work,
     deadline: Instant,
     timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
-    cancel: CancellationToken,
-    cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     max_output: usize,
-    done: bool,
+    /// Set by CancelJobs; the next poll ends the job.
+    cancel_requested: bool,
+    /// The waker of the last poll, to get polled again after CancelJobs.
+    waker: Option<Waker>,
 }
 
 impl RunningJob {
@@ -47,7 +45,6 @@ impl RunningJob {
         work: Work,
         started: std::time::Instant,
         timeout: Duration,
-        cancel: CancellationToken,
         max_output: usize,
     ) -> Self {
         Self {
@@ -56,31 +53,10 @@ impl RunningJob {
             deadline: Instant::from_std(started) + timeout,
             timeout,
             timer: None,
-            cancel,
-            cancelled: None,
             max_output,
-            done: false,
+            cancel_requested: false,
+            waker: None,
         }
-    }
-
-    fn finish(&mut self, outcome: Outcome, output: Bytes, error: String) -> Finished {
-        self.done = true;
-        Finished {
-            id: std::mem::take(&mut self.id),
-            outcome,
-            output,
-            error,
-        }
-    }
-
-    fn handler_returned(&mut self, res: Result<Bytes, HandlerError>) -> Finished {
-        self.done = true;
-        conclude(
-            std::mem::take(&mut self.id),
-            res,
-            &self.cancel,
-            self.max_output,
-        )
     }
 
     /// The job's id.
@@ -88,13 +64,21 @@ impl RunningJob {
         &self.id
     }
 
-    /// Asks the job to stop (CancelJobs); it ends CANCELLED on its next poll unless already done.
-    pub(super) fn cancel(&self) {
-        self.cancel.cancel();
+    /// Asks the job to stop (CancelJobs): it ends CANCELLED on its next poll.
+    pub(super) fn cancel(&mut self) {
+        self.cancel_requested = true;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
     }
 
-    fn cancelled(&mut self) -> Finished {
-        self.finish(Outcome::Cancelled, Bytes::new(), CANCELLED.into())
+    fn finish(&mut self, outcome: Outcome, error: String) -> Finished {
+        Finished {
+            id: std::mem::take(&mut self.id),
+            outcome,
+            output: Bytes::new(),
+            error,
+        }
     }
 }
 
@@ -102,7 +86,6 @@ impl RunningJob {
 pub(super) fn conclude(
     id: String,
     res: Result<Bytes, HandlerError>,
-    cancel: &CancellationToken,
     max_output: usize,
 ) -> Finished {
     let (outcome, output, error) = match res {
@@ -114,8 +97,6 @@ pub(super) fn conclude(
             (Outcome::Failed, Bytes::new(), error)
         }
         Ok(out) => (Outcome::Ok, out, String::new()),
-        // A handler that noticed the cancellation and gave up was cancelled, not failed.
-        Err(_) if cancel.is_cancelled() => (Outcome::Cancelled, Bytes::new(), CANCELLED.into()),
         Err(e) => (Outcome::Failed, Bytes::new(), e.0),
     };
     Finished {
@@ -131,8 +112,12 @@ impl Future for RunningJob {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Finished> {
         let this = &mut *self;
+        if this.cancel_requested {
+            return Poll::Ready(this.finish(Outcome::Cancelled, "cancelled by CancelJobs".into()));
+        }
         if let Poll::Ready(res) = this.work.as_mut().poll(cx) {
-            return Poll::Ready(this.handler_returned(res));
+            let id = std::mem::take(&mut this.id);
+            return Poll::Ready(conclude(id, res, this.max_output));
         }
         let deadline = this.deadline;
         let timer = this
@@ -143,23 +128,12 @@ impl Future for RunningJob {
                 "timed out after {}",
                 humantime::format_duration(this.timeout)
             );
-            return Poll::Ready(this.finish(Outcome::TimedOut, Bytes::new(), error));
+            return Poll::Ready(this.finish(Outcome::TimedOut, error));
         }
-        let token = &this.cancel;
-        let cancelled = this
-            .cancelled
-            .get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
-        if cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(this.cancelled());
+        match &this.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => this.waker = Some(cx.waker().clone()),
         }
         Poll::Pending
-    }
-}
-
-impl Drop for RunningJob {
-    fn drop(&mut self) {
-        if !self.done {
-            self.cancel.cancel();
-        }
     }
 }

@@ -230,7 +230,7 @@ where
                 }
                 if !signal.is_empty() {
                     self.running
-                        .iter()
+                        .iter_mut()
                         .filter(|job| signal.contains(job.id()))
                         .for_each(RunningJob::cancel);
                 }
@@ -361,8 +361,7 @@ where
             }
             n -= 1;
             started += 1;
-            let cancel = CancellationToken::new();
-            let ctx = JobContext::new(cancel.clone(), self.engine.cpu.clone());
+            let ctx = JobContext::new(self.engine.cpu.clone());
             let input = JobInput {
                 payload: q.payload,
                 params: q.params,
@@ -370,12 +369,12 @@ where
             let mut work = Arc::clone(&q.handler).run(input, ctx);
             match (&mut work).now_or_never() {
                 Some(res) => {
-                    done +=
-                        usize::from(self.finished(conclude(q.id, res, &cancel, max_output), now));
+                    done += usize::from(self.finished(conclude(q.id, res, max_output), now));
                 }
-                None => self.running.push(RunningJob::new(
-                    q.id, work, now, q.timeout, cancel, max_output,
-                )),
+                None => {
+                    let job = RunningJob::new(q.id, work, now, q.timeout, max_output);
+                    self.running.push(job);
+                }
             }
         }
         if self.queue.is_empty() {

@@ -182,8 +182,8 @@ mod tests {
     }
 
     fn ctx() -> (CancellationToken, JobContext) {
-        let t = CancellationToken::new();
-        (t.clone(), JobContext::new(t, CpuPool::new(1)))
+        let ctx = JobContext::new(CpuPool::new(1));
+        (ctx.cancel_token().clone(), ctx)
     }
 
     #[tokio::test]

@@ -78,14 +78,7 @@ async fn assert_recovered(server: &TestServer, baseline: usize) {
     settle(
         "no call, job or buffered result is left and every worker is free",
         server,
-        || {
-            let s = server.stats();
-            s.calls_open == 0
-                && s.jobs_running == 0
-                && s.jobs_queued == 0
-                && s.results_buffered == 0
-                && s.free_workers == workers
-        },
+        || server.is_idle() && server.stats().free_workers == workers,
     )
     .await;
     settle(

@@ -103,13 +103,7 @@ async fn all_idle(server: &TestServer) {
     wait_until(
         "no call, running, queued or buffered job is left",
         WAIT,
-        || {
-            let s = server.stats();
-            s.calls_open == 0
-                && s.jobs_running == 0
-                && s.jobs_queued == 0
-                && s.results_buffered == 0
-        },
+        || server.is_idle(),
     )
     .await;
 }

@@ -360,34 +360,30 @@ where
             if self.opts.ordered {
                 self.reorder.insert(t.seq, line);
                 while let Some(line) = self.reorder.remove(&self.next_out) {
-                    self.out
-                        .write_all(&line)
-                        .await
-                        .map_err(ClientError::Output)?;
+                    self.write(&line).await?;
                     self.next_out += 1;
                 }
             } else {
-                self.out
-                    .write_all(&line)
-                    .await
-                    .map_err(ClientError::Output)?;
+                self.write(&line).await?;
             }
         }
-        self.out.flush().await.map_err(ClientError::Output)?;
-        if let Some(log) = &mut self.joblog {
-            log.flush().await.map_err(ClientError::JobLog)?;
-        }
-        Ok(())
+        self.flush().await
     }
 
     /// Writes the results still waiting for earlier ones (the run stopped early).
     async fn drain_reorder(&mut self) -> Result<(), ClientError> {
         for line in std::mem::take(&mut self.reorder).into_values() {
-            self.out
-                .write_all(&line)
-                .await
-                .map_err(ClientError::Output)?;
+            self.write(&line).await?;
         }
+        self.flush().await
+    }
+
+    async fn write(&mut self, line: &[u8]) -> Result<(), ClientError> {
+        self.out.write_all(line).await.map_err(ClientError::Output)
+    }
+
+    /// Pushes results and job log lines out, so an interrupted run keeps what it reported.
+    async fn flush(&mut self) -> Result<(), ClientError> {
         self.out.flush().await.map_err(ClientError::Output)?;
         if let Some(log) = &mut self.joblog {
             log.flush().await.map_err(ClientError::JobLog)?;

@@ -82,6 +82,12 @@ impl TestServer {
         self.engine.stats()
     }
 
+    /// No call, queued or running job, or buffered result is left.
+    pub fn is_idle(&self) -> bool {
+        let s = self.stats();
+        s.calls_open == 0 && s.jobs_running == 0 && s.jobs_queued == 0 && s.results_buffered == 0
+    }
+
     pub fn alive_tasks(&self) -> usize {
         self.runtime.metrics().num_alive_tasks()
     }

@@ -1,6 +1,6 @@
 //! Typed configuration: embedded defaults < TOML file < `BATCHD_*` environment < command-line flags.
 
-mod units;
+pub(crate) mod units;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::handlers::exec::{ExecSpec, SpecError};
 pub use units::ByteSize;
 
 /// Prefix of the environment variables that set config fields (`BATCHD_WORKERS=8`).
@@ -60,6 +61,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax, e.g. `info` or `batchd=debug,info`.
     pub log: String,
+    /// Exec handlers: commands run once per job (`[[exec]]` tables in the file; none by default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<ExecSpec>,
 }
 
 /// How logs are written to stderr.
@@ -119,6 +123,9 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// An `[[exec]]` table is invalid; the message names the handler and the field.
+    #[error("invalid config: {0}")]
+    Exec(#[from] SpecError),
 }
 
 impl Default for Config {
@@ -143,6 +150,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
             log: "info".into(),
+            exec: Vec::new(),
         }
     }
 }
@@ -281,6 +289,7 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log) {
             return invalid("log", &format!("{:?} is not a log filter: {e}", self.log));
         }
+        crate::handlers::exec::validate(&self.exec, self.max_output, self.max_job_timeout)?;
         Ok(())
     }
 
@@ -315,7 +324,25 @@ fn check(table: &toml::Table, origin: impl FnOnce() -> String) -> Result<(), Con
 }
 
 fn from_table(table: toml::Table) -> Result<Config, String> {
-    Config::deserialize(toml::Value::Table(table)).map_err(|e| e.to_string().trim().to_owned())
+    let exec = table.get("exec").cloned();
+    Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+        exec.and_then(|exec| exec_error(&exec))
+            .unwrap_or_else(|| e.to_string().trim().to_owned())
+    })
+}
+
+/// The first `[[exec]]` table that does not deserialize, as an error naming its handler: serde's own
+/// message names the field but not which of the tables it is in.
+fn exec_error(exec: &toml::Value) -> Option<String> {
+    let tables = exec.as_array()?;
+    tables.iter().enumerate().find_map(|(i, table)| {
+        let e = ExecSpec::deserialize(table.clone()).err()?;
+        let name = match table.get("name").and_then(toml::Value::as_str) {
+            Some(name) => format!("exec {name:?}"),
+            None => format!("exec table #{}", i + 1),
+        };
+        Some(format!("{name}: {}", e.to_string().trim()))
+    })
 }
 
 /// An environment or flag value as TOML: numbers and booleans typed, anything else a string.

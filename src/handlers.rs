@@ -1,7 +1,10 @@
 //! The `Handler` trait that runs one job, and the registry that names handlers for clients.
+//!
+//! Built-in handlers live in `builtin.rs`; [`exec`] runs operator-configured commands.
 
 mod builtin;
 mod cpu;
+pub mod exec;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use batchd::config::{Config, ConfigError, Flags};
+use batchd::handlers::exec::{self, Reaper};
 use batchd::{Registry, Server};
 use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -30,8 +31,13 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
+    let mut registry = Registry::builtin();
+    let reaper = match exec::register(&mut registry, &config.exec) {
+        Ok(r) => r,
+        Err(e) => return config_error(&ConfigError::from(e)),
+    };
     batchd::telemetry::init(config.log_format, &config.log);
-    match run(config) {
+    match run(config, registry, reaper) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -47,13 +53,27 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 #[tokio::main]
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Result<()> {
+    let res = serve(config, registry, &reaper).await;
+    // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
+    // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
+    let killed = reaper.shutdown().await;
+    if killed > 0 {
+        tracing::warn!(
+            groups = killed,
+            "process groups still there after kill_grace; sent SIGKILL"
+        );
+    }
+    res
+}
+
+async fn serve(config: Config, registry: Registry, reaper: &Reaper) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let server = Server::new(config, Registry::builtin());
+    let server = Server::new(config, registry);
     let stop = tokio_util::sync::CancellationToken::new();
     let serve = server.serve(listener, stop.clone().cancelled_owned());
     tokio::pin!(serve);
@@ -66,6 +86,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         res = &mut serve => res.context("shutting down"),
         name = next_signal(&mut term, &mut int) => {
             tracing::warn!(signal = name, "second signal: stopping at once");
+            // No grace for anything now, but no command is left running either.
+            reaper.kill_all();
             std::process::exit(130);
         }
     }

@@ -127,3 +127,132 @@ fn deploy_example_equals_the_defaults() {
         );
     }
 }
+
+fn load_file(text: &str) -> Result<Config, ConfigError> {
+    let f = file(text);
+    let flags = Flags {
+        config: Some(f.path().to_owned()),
+        ..Flags::default()
+    };
+    Config::load(&flags, env(&[]))
+}
+
+#[test]
+fn exec_tables_load_with_units_and_defaults() {
+    let c = load_file(
+        r#"
+workers = 4
+
+[[exec]]
+name = "thumbnail"
+description = "Resize"
+command = ["convert", "-", "-thumbnail", "{size}", "png:-"]
+params = { size = "^[0-9]{1,4}x[0-9]{1,4}$" }
+timeout = "90s"
+max_output = "1MiB"
+concurrency = 2
+env = { LC_ALL = "C" }
+cwd = "/tmp"
+kill_grace = "500ms"
+
+[[exec]]
+name = "count"
+command = ["wc", "-c"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.workers, 4);
+    assert_eq!(c.exec.len(), 2);
+    let t = &c.exec[0];
+    assert_eq!(t.timeout, Duration::from_secs(90));
+    assert_eq!(t.max_output, ByteSize::mib(1));
+    assert_eq!(t.concurrency, Some(2));
+    assert_eq!(t.kill_grace, Duration::from_millis(500));
+    assert_eq!(t.env["LC_ALL"], "C");
+    assert_eq!(c.exec[1], ExecSpec::new("count", &["wc", "-c"]));
+}
+
+#[test]
+fn exec_errors_name_the_handler_and_the_field() {
+    let cases = [
+        (
+            "[[exec]]\nname = \"thumbnail\"\ncommand = [\"convert\", \"{size}\"]\nparams = { size = \"([0-9]\" }\n",
+            "invalid config: exec \"thumbnail\": params.size: bad regex",
+        ),
+        (
+            "[[exec]]\nname = \"t\"\ncommand = []\n",
+            "invalid config: exec \"t\": command: is empty",
+        ),
+        (
+            "[[exec]]\nname = \"t\"\ncommand = [\"convert\", \"{size}\"]\n",
+            "invalid config: exec \"t\": command[1]: placeholder {size} has no rule in params",
+        ),
+        (
+            "[[exec]]\nname = \"sleep\"\ncommand = [\"sleep\", \"1\"]\n",
+            "invalid config: exec \"sleep\": name: is the name of a built-in handler",
+        ),
+        (
+            "[[exec]]\nname = \"a\"\ncommand = [\"true\"]\n[[exec]]\nname = \"a\"\ncommand = [\"false\"]\n",
+            "invalid config: exec \"a\": name: is used by another [[exec]] table",
+        ),
+        (
+            "[[exec]]\nname = \"a\"\ncommand = [\"true\"]\nmax_output = \"1GiB\"\n",
+            "invalid config: exec \"a\": max_output: must not be larger than the daemon's max_output",
+        ),
+    ];
+    for (text, want) in cases {
+        let msg = load_file(text).unwrap_err().to_string();
+        assert!(msg.starts_with(want), "want {want:?}, got {msg:?}");
+    }
+
+    // Errors serde finds inside a table (unknown field, wrong type) also name the handler.
+    let msg = load_file("[[exec]]\nname = \"thumbnail\"\ncomand = [\"x\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("exec \"thumbnail\"") && msg.contains("comand"),
+        "{msg}"
+    );
+    let msg = load_file("[[exec]]\nname = \"t\"\ncommand = [\"x\"]\ntimeout = \"soon\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("exec \"t\"") && msg.contains("soon"), "{msg}");
+    let msg = load_file("[[exec]]\ncommand = [\"x\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("exec table #1") && msg.contains("name"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn exec_tables_come_from_the_file_only() {
+    // BATCHD_EXEC is not a config variable (exec is not a scalar field).
+    let c = Config::load(&Flags::default(), env(&[("BATCHD_EXEC", "x")])).unwrap();
+    assert!(c.exec.is_empty());
+    assert!(!field_names().contains(&"exec".to_owned()));
+}
+
+/// The commented `[[exec]]` example in deploy/batchd.toml, uncommented, is a valid config.
+#[test]
+fn deploy_exec_example_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/batchd.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text
+        .lines()
+        .position(|l| l == "# [[exec]]")
+        .expect("deploy/batchd.toml shows a commented [[exec]] example");
+    let example: String = text
+        .lines()
+        .skip(start)
+        .map_while(|l| {
+            l.strip_prefix("# ")
+                .or(if l == "#" { Some("") } else { None })
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let c = load_file(&example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+    assert_eq!(c.exec.len(), 1, "{example}");
+    assert_eq!(c.exec[0].name, "thumbnail");
+}

@@ -56,6 +56,12 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The longest this handler's jobs may run: the timeout of a job that sets none, and the cap on
+    /// one that does (within the daemon's `max_job_timeout`). `None`: the daemon's settings apply.
+    fn timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Runs the job to completion. (`Arc<Self>` lets the future own its handler: one allocation
     /// per job instead of two.)
     async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError>;

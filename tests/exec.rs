@@ -272,7 +272,7 @@ async fn timeouts_kill_the_tree() {
     assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
     wait_tree_gone(&tree, "the tree is gone after the job timed out").await;
 
-    // The handler's timeout: FAILED, saying so.
+    // The handler's timeout is the default of a job that sets none, and the cap of one that does.
     call.send(batch("b2", vec![job("s", "slow", b"", &[])]))
         .await;
     let tree = wait_for_tree(&mark2, 3).await;
@@ -280,10 +280,20 @@ async fn timeouts_kill_the_tree() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(outcome(&r[0]), Outcome::Failed, "{r:?}");
+    assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
+    assert!(r[0].error.contains("timed out after 1s"), "{}", r[0].error);
+    wait_tree_gone(&tree, "the tree is gone after the handler's timeout").await;
+    let j = with_timeout(job("s2", "slow", b"", &[]), Duration::from_secs(3600));
+    call.send(batch("b3", vec![j])).await;
+    let tree = wait_for_tree(&mark2, 3).await;
+    let r = tokio::time::timeout(LIVENESS, call.collect(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
     assert!(
-        r[0].error.contains("timed out after 1s") && r[0].error.contains("\"slow\""),
-        "{}",
+        r[0].error.contains("timed out after 1s"),
+        "capped: {}",
         r[0].error
     );
     wait_tree_gone(&tree, "the tree is gone after the handler's timeout").await;

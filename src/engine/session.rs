@@ -326,11 +326,13 @@ where
                 limits.max_payload
             ));
         }
+        let cap = handler.timeout().unwrap_or(limits.max_job_timeout);
         let timeout = match job.timeout {
-            None => limits.default_job_timeout,
+            None => handler.timeout().unwrap_or(limits.default_job_timeout),
             Some(t) if t.is_zero() => return Err("timeout must be positive".into()),
-            Some(t) => t.min(limits.max_job_timeout),
+            Some(t) => t,
         };
+        let timeout = timeout.min(cap).min(limits.max_job_timeout);
         handler
             .check(&job.params)
             .map_err(|e| format!("bad params for handler {}: {e}", quote(&job.handler)))?;

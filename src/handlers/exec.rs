@@ -155,6 +155,10 @@ impl Handler for Exec {
         self.check_params(params)
     }
 
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
+    }
+
     async fn run(
         self: Arc<Self>,
         input: JobInput,
@@ -182,15 +186,9 @@ impl Handler for Exec {
             self.max_output,
             self.kill_grace,
         );
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(res) => res,
-            // The timeout dropped `exchange`, and with it the group, which kills the process group.
-            Err(_) => Err(HandlerError(format!(
-                "timed out after {} (the timeout of exec handler {:?}); the command was killed",
-                humantime::format_duration(self.timeout),
-                self.name
-            ))),
-        }
+        // The engine enforces the handler's timeout (see `Handler::timeout`): on expiry it drops this
+        // future, and with it the group, which kills the process group; the job ends TIMED_OUT.
+        exchange.await
     }
 }
 

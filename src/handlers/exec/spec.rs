@@ -29,7 +29,7 @@ pub struct ExecSpec {
     /// Every param a job must send, with the regex its whole value must match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, String>,
-    /// Longest run of the command, from its start (a job's own timeout may stop it sooner).
+    /// Timeout of this handler's jobs that set none, and the cap on those that do.
     #[serde(default = "default_timeout", with = "units::duration")]
     pub timeout: Duration,
     /// Most bytes the command may write to stdout; beyond it the job fails and the command is killed.

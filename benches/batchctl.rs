@@ -265,6 +265,7 @@ impl Daemon {
             let log = dir.join(format!("batchd-{attempt}.log"));
             let mut child = Command::new(env!("CARGO_BIN_EXE_batchd"))
                 .args(["--listen", &addr.to_string(), "--set", "log=warn"])
+                .args(["--admin-listen", "127.0.0.1:0"])
                 .env_remove("BATCHD_CONFIG")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

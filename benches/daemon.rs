@@ -202,6 +202,7 @@ impl Daemon {
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--set", "log=warn", "--set", "shutdown_grace=1s"])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -41,13 +41,15 @@ async fn main() -> anyhow::Result<()> {
         listen: "127.0.0.1:50052".parse()?,
         ..Config::default()
     };
-    batchd::telemetry::init(config.log_format, &config.log);
+    let telemetry = batchd::telemetry::init(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let server = Server::new(config, registry);
-    server
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server = Server::new(config, registry).with_admin(admin);
+    let res = server
         .serve(listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })
-        .await?;
-    Ok(())
+        .await;
+    telemetry.shutdown().await;
+    Ok(res?)
 }

@@ -61,6 +61,14 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax, e.g. `info` or `batchd=debug,info`.
     pub log: String,
+    /// Address of the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// OTLP/gRPC endpoint spans are exported to, e.g. `http://127.0.0.1:4317`; empty: the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable decides, and with neither, tracing is off.
+    pub otlp_endpoint: String,
+    /// How long exporting a batch of spans, and flushing them at exit, may take.
+    #[serde(with = "units::duration")]
+    pub trace_flush_timeout: Duration,
     /// Exec handlers: commands run once per job (`[[exec]]` tables in the file; none by default).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<ExecSpec>,
@@ -91,6 +99,9 @@ pub struct Flags {
     /// Log format [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz) [default: 127.0.0.1:9090]
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     /// Any other config field, e.g. --set session_window=4096 (repeatable)
     #[arg(long = "set", short = 's', value_name = "FIELD=VALUE")]
     pub set: Vec<String>,
@@ -150,6 +161,9 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
             log: "info".into(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            otlp_endpoint: String::new(),
+            trace_flush_timeout: Duration::from_secs(5),
             exec: Vec::new(),
         }
     }
@@ -189,6 +203,13 @@ impl Config {
             set.push((
                 "--listen".to_owned(),
                 "listen".to_owned(),
+                toml::Value::String(v.clone()),
+            ));
+        }
+        if let Some(v) = &flags.admin_listen {
+            set.push((
+                "--admin-listen".to_owned(),
+                "admin_listen".to_owned(),
                 toml::Value::String(v.clone()),
             ));
         }
@@ -284,6 +305,19 @@ impl Config {
             return invalid(
                 "keepalive_timeout",
                 "must be positive while keepalive is on",
+            );
+        }
+        if self.trace_flush_timeout.is_zero() {
+            return invalid("trace_flush_timeout", "must be positive");
+        }
+        let endpoint = &self.otlp_endpoint;
+        if !(endpoint.is_empty()
+            || endpoint.starts_with("http://")
+            || endpoint.starts_with("https://"))
+        {
+            return invalid(
+                "otlp_endpoint",
+                "must be an http:// or https:// URL, or empty",
             );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log) {

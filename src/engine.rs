@@ -11,6 +11,7 @@ mod running;
 mod scheduler;
 mod session;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::handlers::{CpuPool, Registry};
+use crate::handlers::{CpuPool, Handler, Registry};
+use crate::telemetry::metrics::{EngineMetrics as Counters, Rejection};
+use crate::telemetry::SessionTrace;
 
 pub use job::{Command, JobRequest, JobResult, Outcome};
 use scheduler::Scheduler;
@@ -72,18 +75,18 @@ struct Inner {
     drain: CancellationToken,
     sessions: TaskTracker,
     calls: Arc<Semaphore>,
+    /// Handlers by name with their row in the metrics.
+    handlers: HandlerRows,
     stats: Counters,
 }
 
-/// Live gauges and counters, updated by the sessions.
-#[derive(Debug, Default)]
-struct Counters {
-    calls_open: AtomicU64,
-    jobs_queued: AtomicU64,
-    jobs_running: AtomicU64,
-    results_buffered: AtomicU64,
-    jobs_admitted: AtomicU64,
-    finished: [AtomicU64; 5],
+/// Handlers by name, each with its row in the metrics.
+struct HandlerRows(HashMap<String, (usize, Arc<dyn Handler>), foldhash::fast::RandomState>);
+
+impl std::fmt::Debug for HandlerRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// A snapshot of the engine's counters, for tests, logs and metrics.
@@ -112,12 +115,15 @@ pub struct Call {
     engine: Arc<Inner>,
     permit: tokio::sync::OwnedSemaphorePermit,
     deadline: Option<Instant>,
+    trace: SessionTrace,
 }
 
 /// The results of one call; dropping it stops everything the call started.
 #[derive(Debug)]
 pub struct ResultStream {
     rx: outbox::Receiver<Outgoing>,
+    /// When the stream was dropped: the start of the call's cancellation latency.
+    dropped_at: Arc<std::sync::OnceLock<Instant>>,
     _cancel_on_drop: DropGuard,
 }
 
@@ -144,6 +150,14 @@ impl From<&Config> for Limits {
 impl Engine {
     /// An engine with these limits and handlers.
     pub fn new(limits: Limits, registry: Registry) -> Self {
+        let names: Vec<String> = registry.iter().map(|(n, _)| n.to_owned()).collect();
+        let handlers = HandlerRows(
+            names
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| Some((n.clone(), (i, Arc::clone(registry.get(n)?)))))
+                .collect(),
+        );
         Self {
             inner: Arc::new(Inner {
                 scheduler: Scheduler::new(limits.workers),
@@ -154,26 +168,44 @@ impl Engine {
                 root: CancellationToken::new(),
                 drain: CancellationToken::new(),
                 sessions: TaskTracker::new(),
-                stats: Counters::default(),
+                handlers,
+                stats: Counters::new(names),
             }),
         }
     }
 
     /// Admits a new call ending at `deadline`, or refuses it when the daemon is full or shutting down.
-    pub fn open(&self, deadline: Option<Instant>) -> Result<Call, Error> {
+    ///
+    /// `trace` is the call's session span (disabled when the call is not traced).
+    pub fn open(&self, deadline: Option<Instant>, trace: SessionTrace) -> Result<Call, Error> {
         if self.inner.drain.is_cancelled() {
+            self.inner.stats.rejected(Rejection::ShuttingDown);
             return Err(Error::ShuttingDown);
         }
         let permit = Arc::clone(&self.inner.calls)
             .try_acquire_owned()
-            .map_err(|_| Error::TooManyCalls {
-                limit: self.inner.limits.max_calls,
+            .map_err(|_| {
+                self.inner.stats.rejected(Rejection::TooManyCalls);
+                Error::TooManyCalls {
+                    limit: self.inner.limits.max_calls,
+                }
             })?;
         Ok(Call {
             engine: Arc::clone(&self.inner),
             permit,
             deadline,
+            trace,
         })
+    }
+
+    /// The live counters, gauges and histograms, for the metrics endpoint.
+    pub fn metrics(&self) -> &Counters {
+        &self.inner.stats
+    }
+
+    /// Whether shutdown has started (the daemon is not ready for new calls).
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_cancelled()
     }
 
     /// The handlers this engine runs.
@@ -196,7 +228,7 @@ impl Engine {
             jobs_running: get(&c.jobs_running),
             results_buffered: get(&c.results_buffered),
             jobs_admitted: get(&c.jobs_admitted),
-            finished: std::array::from_fn(|i| get(&c.finished[i])),
+            finished: c.finished_by_outcome(),
             free_workers: self.inner.scheduler.free() as u64,
         }
     }
@@ -228,23 +260,6 @@ impl Stats {
     }
 }
 
-// === impl Counters ===
-
-impl Counters {
-    fn add(a: &AtomicU64, n: usize) {
-        a.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    fn sub(a: &AtomicU64, n: usize) {
-        a.fetch_sub(n as u64, Ordering::Relaxed);
-    }
-
-    fn finished(&self, outcome: Outcome, n: usize) {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.finished[i].fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
 // === impl Call ===
 
 impl Call {
@@ -256,17 +271,23 @@ impl Call {
         let token = self.engine.root.child_token();
         // One message may wait for the transport while the next results coalesce in the session.
         let (tx, rx) = outbox::outbox();
+        let dropped_at = Arc::new(std::sync::OnceLock::new());
         let session = Session::new(
             Arc::clone(&self.engine),
             token.clone(),
             inbound,
             tx,
-            self.deadline,
-            self.permit,
+            session::CallParts {
+                deadline: self.deadline,
+                permit: self.permit,
+                trace: self.trace,
+                dropped_at: Arc::clone(&dropped_at),
+            },
         );
         self.engine.sessions.spawn(session.run());
         ResultStream {
             rx,
+            dropped_at,
             _cancel_on_drop: token.drop_guard(),
         }
     }
@@ -282,5 +303,12 @@ impl Stream for ResultStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for ResultStream {
+    fn drop(&mut self) {
+        // Before the drop guard fires the token (fields drop after this).
+        let _ = self.dropped_at.set(Instant::now());
     }
 }

@@ -34,6 +34,7 @@ pub struct JobContext {
     /// Made on first use: most jobs never need one.
     cancel: OnceLock<CancellationToken>,
     cpu: CpuPool,
+    span: tracing::Span,
 }
 
 /// Why a handler failed; the message becomes the job's `error`.
@@ -88,12 +89,19 @@ pub fn quote(s: &str) -> String {
 // === impl JobContext ===
 
 impl JobContext {
-    /// A context for one job, running CPU-bound work on `cpu`.
-    pub fn new(cpu: CpuPool) -> Self {
+    /// A context for one job, running CPU-bound work on `cpu`; `span` is the job's trace span
+    /// (disabled when the job is not traced).
+    pub fn new(cpu: CpuPool, span: tracing::Span) -> Self {
         Self {
             cancel: OnceLock::new(),
             cpu,
+            span,
         }
+    }
+
+    /// The job's trace span, for handlers that record details (disabled when not traced).
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// A token that fires when the job ends: finished, cancelled, timed out or abandoned by its call.

@@ -8,7 +8,7 @@
 //! - [`config`]: typed config from defaults, a TOML file, `BATCHD_*` variables and flags.
 //! - [`error`]: the error type and its one mapping to gRPC status codes.
 //! - [`client`]: the client side shared by `batchctl`, tests and Rust users.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logs, OpenTelemetry traces, metrics and the admin HTTP listener.
 //! - [`proto`]: generated protobuf and gRPC code, and [`codec`], its small-buffer codec.
 
 pub mod client;

@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::handlers::Registry;
 use crate::proto::{batch_service_server::BatchServiceServer, FILE_DESCRIPTOR_SET};
 use crate::service::Service;
+use crate::telemetry::admin;
 
 /// How long, after the grace period, calls get to deliver their last results and close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -28,13 +29,25 @@ fn window(size: crate::config::ByteSize) -> u32 {
 pub struct Server {
     config: Config,
     engine: Engine,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
     /// A daemon with `config`'s limits running `registry`'s handlers.
     pub fn new(config: Config, registry: Registry) -> Self {
         let engine = Engine::new(Limits::from(&config), registry);
-        Self { config, engine }
+        Self {
+            config,
+            engine,
+            admin: None,
+        }
+    }
+
+    /// Also serves the admin endpoints (`/metrics`, `/healthz`, `/readyz`) on `listener`, for as
+    /// long as the daemon serves.
+    pub fn with_admin(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
     }
 
     /// The engine, for its live counters.
@@ -51,7 +64,37 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let Self { config, engine } = self;
+        let Self {
+            config,
+            engine,
+            admin,
+        } = self;
+        let admin_stop = CancellationToken::new();
+        // Stops the admin task however this future ends (it is awaited below when it returns).
+        let _stop_admin = admin_stop.clone().drop_guard();
+        let admin_task = admin.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+            }
+            let stop = admin_stop.clone().cancelled_owned();
+            tokio::spawn(admin::serve(listener, engine.clone(), stop))
+        });
+        let res = serve_grpc(config, engine, listener, shutdown).await;
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        res
+    }
+}
+
+async fn serve_grpc(
+    config: Config,
+    engine: Engine,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<BatchServiceServer<Service>>().await;
         health.set_service_status("", ServingStatus::Serving).await;

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::engine::{Command, Engine, JobRequest, JobResult, Outcome, ResultStream};
 use crate::error::Error;
 use crate::proto::{self, batch_service_server::BatchService, process_request::Kind};
+use crate::telemetry::SessionTrace;
 
 /// The stream of responses of one call.
 pub type ResponseStream =
@@ -38,7 +39,8 @@ impl BatchService for Service {
         &self,
         request: Request<Streaming<proto::ProcessRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let call = self.engine.open(deadline(request.metadata()))?;
+        let trace = SessionTrace::start("Process", request.metadata(), request.remote_addr());
+        let call = self.engine.open(deadline(request.metadata()), trace)?;
         let inbound = request
             .into_inner()
             .map(|msg| msg.map_err(Error::from).and_then(command));
@@ -49,7 +51,8 @@ impl BatchService for Service {
         &self,
         request: Request<proto::JobBatch>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let call = self.engine.open(deadline(request.metadata()))?;
+        let trace = SessionTrace::start("RunBatch", request.metadata(), request.remote_addr());
+        let call = self.engine.open(deadline(request.metadata()), trace)?;
         let inbound = futures_util::stream::iter([Ok(submit(request.into_inner()))]);
         Ok(Response::new(respond(call.start(inbound))))
     }

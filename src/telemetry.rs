@@ -1,20 +1,474 @@
-//! Logging set-up: structured `tracing` events on stderr, as text or JSON.
+//! Logging, OpenTelemetry traces and metrics: the one module that imports `opentelemetry`.
+//!
+//! - Logs: structured `tracing` events on stderr, as text or JSON, filtered by the `log` setting.
+//! - Traces: when an OTLP endpoint is configured (`otlp_endpoint` or the standard `OTEL_*`
+//!   variables), a `batchd.session` span per call whose parent is the caller's W3C `traceparent`, a
+//!   `batchd.batch` span per batch and a `batchd.job` span per job, exported over OTLP/gRPC by a
+//!   batch span processor. Off, they cost one relaxed load per call and nothing per job.
+//! - Metrics ([`metrics`]) and the admin HTTP listener ([`admin`]).
+
+pub mod admin;
+pub mod metrics;
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::LogFormat;
+use crate::config::{Config, LogFormat};
+use crate::engine::{JobResult, Outcome};
+use metrics::EndReason;
 
-/// Installs the global subscriber; `filter` was checked by `Config::validate`.
-pub fn init(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::builder().parse_lossy(filter);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// The target of the daemon's trace spans; the log output never shows them.
+const TRACE_TARGET: &str = "batchd::trace";
+
+/// Whether an OpenTelemetry layer is installed: spans are made only then.
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (bad endpoint, no runtime).
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// Owns the tracer provider: [`Telemetry::shutdown`] (or dropping it) flushes pending spans.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    flush_timeout: Duration,
+}
+
+/// The span of one call and whether it is sampled (job spans are made only then).
+#[derive(Debug)]
+pub struct SessionTrace {
+    span: tracing::Span,
+    sampled: bool,
+}
+
+/// The span of one job, or nothing when its call is not sampled (one null pointer).
+#[derive(Debug, Default)]
+pub struct JobSpan(Option<Box<tracing::Span>>);
+
+/// Reads W3C trace context from gRPC metadata.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+/// Installs the global subscriber: logs on stderr and, if configured, the OTLP trace pipeline.
+///
+/// Call it on a multi-thread tokio runtime (the exporter's channel lives there). Logging-only set-up
+/// never fails; an exporter that cannot be built is an error. Calling it again does nothing.
+pub fn init(config: &Config) -> Result<Telemetry, TelemetryError> {
+    init_from(config, |k| std::env::var(k).ok())
+}
+
+fn init_from(
+    config: &Config,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Telemetry, TelemetryError> {
+    let mut filter = EnvFilter::builder().parse_lossy(&config.log);
+    if let Ok(d) = format!("{TRACE_TARGET}=off").parse() {
+        filter = filter.add_directive(d);
+    }
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = match config.log_format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
+    let provider = if tracing_enabled(config, &env) {
+        Some(provider(config, &env)?)
+    } else {
+        None
+    };
+    let otel = provider.as_ref().map(|p| {
+        let targets = tracing_subscriber::filter::Targets::new()
+            .with_target(TRACE_TARGET, tracing::Level::INFO);
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("batchd"))
+            .with_threads(false)
+            .with_location(false)
+            .with_tracked_inactivity(false)
+            .with_filter(targets)
+    });
+    let installed = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if installed && provider.is_some() {
+        TRACING.store(true, Ordering::Relaxed);
+    }
+    Ok(Telemetry {
+        provider: provider.filter(|_| installed),
+        flush_timeout: config.trace_flush_timeout,
+    })
+}
+
+/// Traces are on unless `OTEL_SDK_DISABLED=true`, if an endpoint is configured or in the environment.
+fn tracing_enabled(config: &Config, env: &impl Fn(&str) -> Option<String>) -> bool {
+    let set = |k: &str| env(k).is_some_and(|v| !v.trim().is_empty());
+    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    !disabled
+        && (!config.otlp_endpoint.is_empty()
+            || set("OTEL_EXPORTER_OTLP_ENDPOINT")
+            || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// The tracer provider: OTLP/gRPC exporter, batch processor, sampler and resource from `OTEL_*`.
+fn provider(
+    config: &Config,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_timeout(config.trace_flush_timeout);
+    if !config.otlp_endpoint.is_empty() {
+        exporter = exporter.with_endpoint(config.otlp_endpoint.clone());
+    }
+    let exporter = exporter
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; "batchd" when neither names one.
+    let mut resource = Resource::builder();
+    let named = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    if !named {
+        resource = resource.with_service_name("batchd");
+    }
+    // The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the SDK's default is parentbased_always_on.
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+// === impl Telemetry ===
+
+impl Telemetry {
+    /// No tracer provider: what tests and embedders get without an endpoint.
+    pub fn disabled() -> Self {
+        Self {
+            provider: None,
+            flush_timeout: Duration::ZERO,
+        }
+    }
+
+    /// Whether spans are exported.
+    pub fn is_tracing(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports the spans ended so far, within the flush timeout (for tests and embedders).
+    pub async fn flush(&self) {
+        let Some(provider) = self.provider.clone() else {
+            return;
+        };
+        let flush = tokio::task::spawn_blocking(move || provider.force_flush());
+        let _ = tokio::time::timeout(self.flush_timeout + Duration::from_secs(1), flush).await;
+    }
+
+    /// Flushes pending spans and stops the exporter, within the flush timeout (off the runtime's
+    /// worker threads: the SDK's shutdown blocks).
+    pub async fn shutdown(mut self) {
+        let Some(provider) = self.provider.take() else {
+            return;
+        };
+        let timeout = self.flush_timeout;
+        let flush = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout));
+        match tokio::time::timeout(timeout + Duration::from_secs(1), flush).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "flushing spans failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing spans failed"),
+            Err(_) => tracing::warn!("flushing spans timed out"),
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown_with_timeout(self.flush_timeout);
+        }
+    }
+}
+
+// === impl SessionTrace ===
+
+impl SessionTrace {
+    /// A call that is not traced.
+    pub fn none() -> Self {
+        Self {
+            span: tracing::Span::none(),
+            sampled: false,
+        }
+    }
+
+    /// The span of a new call of `rpc` from `peer`, child of the W3C trace context in `metadata`.
+    pub fn start(
+        rpc: &'static str,
+        metadata: &tonic::metadata::MetadataMap,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Self {
+        if !TRACING.load(Ordering::Relaxed) {
+            return Self::none();
+        }
+        let span = tracing::info_span!(
+            target: TRACE_TARGET,
+            parent: None,
+            "batchd.session",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = rpc,
+            net.peer = Empty,
+            session.jobs = Empty,
+            session.ok = Empty,
+            session.failed = Empty,
+            session.cancelled = Empty,
+            session.timed_out = Empty,
+            session.rejected = Empty,
+            session.handlers = Empty,
+            session.end = Empty,
+            otel.status_code = Empty,
+        );
+        if let Some(peer) = peer {
+            span.record("net.peer", tracing::field::display(peer));
+        }
+        let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+        let _ = span.set_parent(parent);
+        let sampled = span.context().span().span_context().is_sampled();
+        Self { span, sampled }
+    }
+
+    /// Whether the call's spans are recorded.
+    pub fn is_sampled(&self) -> bool {
+        self.sampled
+    }
+
+    /// The session span.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// Records how the call ended, its jobs by outcome and its handlers.
+    pub(crate) fn end(&self, reason: EndReason, outcomes: [u32; 5], handlers: &str) {
+        let span = &self.span;
+        span.record(
+            "session.jobs",
+            outcomes.iter().map(|&n| u64::from(n)).sum::<u64>(),
+        );
+        for (o, n) in Outcome::ALL.iter().zip(outcomes) {
+            let field = match o {
+                Outcome::Ok => "session.ok",
+                Outcome::Failed => "session.failed",
+                Outcome::Cancelled => "session.cancelled",
+                Outcome::TimedOut => "session.timed_out",
+                Outcome::Rejected => "session.rejected",
+            };
+            span.record(field, n);
+        }
+        span.record("session.handlers", handlers);
+        span.record("session.end", reason.label());
+        if matches!(reason, EndReason::Error | EndReason::Deadline) {
+            span.record("otel.status_code", "error");
+        }
+    }
+}
+
+/// The span of a batch of `jobs` jobs, child of the session span.
+pub(crate) fn batch_span(session: &tracing::Span, batch_id: &str, jobs: usize) -> tracing::Span {
+    tracing::info_span!(
+        target: TRACE_TARGET,
+        parent: session,
+        "batchd.batch",
+        batch.id = batch_id,
+        batch.jobs = jobs,
+    )
+}
+
+/// The span of one job, child of its batch's span (made only for sampled calls).
+pub(crate) fn job_span(batch: &tracing::Span, id: &str, handler: &str) -> JobSpan {
+    JobSpan(Some(Box::new(tracing::info_span!(
+        target: TRACE_TARGET,
+        parent: batch,
+        "batchd.job",
+        job.id = id,
+        job.handler = handler,
+        job.queued_seconds = Empty,
+        job.run_seconds = Empty,
+        job.outcome = Empty,
+        job.error = Empty,
+        job.cancelled_by = Empty,
+        exec.command = Empty,
+        exec.pid = Empty,
+        exec.exit_status = Empty,
+        otel.status_code = Empty,
+    ))))
+}
+
+// === impl JobSpan ===
+
+impl JobSpan {
+    /// No span.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// A handle on the span for the job's context (disabled when there is none).
+    pub(crate) fn handle(&self) -> tracing::Span {
+        self.0
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(tracing::Span::none)
+    }
+
+    /// Records the job's result and ends the span.
+    pub(crate) fn end(self, result: &JobResult, cancelled_by: Option<&str>) {
+        let Some(span) = self.0 else {
+            return;
+        };
+        span.record("job.outcome", metrics::outcome_label(result.outcome));
+        if let Some(q) = result.queued {
+            span.record("job.queued_seconds", q.as_secs_f64());
+        }
+        if let Some(r) = result.ran {
+            span.record("job.run_seconds", r.as_secs_f64());
+        }
+        if !result.error.is_empty() {
+            span.record("job.error", result.error.as_str());
+        }
+        if let Some(by) = cancelled_by {
+            span.record("job.cancelled_by", by);
+        }
+        if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut) {
+            span.record("otel.status_code", "error");
+        }
+    }
+
+    /// Ends the span of a job stopped with its call; `why` names the canceller.
+    pub(crate) fn cancelled(self, why: &str) {
+        if let Some(span) = self.0 {
+            span.record("job.outcome", "cancelled");
+            span.record("job.cancelled_by", why);
+        }
+    }
+}
+
+/// Records an exec job's command name and pid on its span (a no-op for untraced jobs).
+pub fn record_exec_start(span: &tracing::Span, command: &str, pid: i32) {
+    if !span.is_disabled() {
+        span.record("exec.command", command);
+        span.record("exec.pid", pid);
+    }
+}
+
+/// Records an exec job's exit status on its span.
+pub fn record_exec_exit(span: &tracing::Span, status: &std::process::ExitStatus) {
+    if !span.is_disabled() {
+        span.record("exec.exit_status", tracing::field::display(status));
+    }
+}
+
+/// A W3C `traceparent` for an outgoing call: a child of `parent` (a `traceparent` value, e.g. the
+/// `TRACEPARENT` variable) when it is valid, else a new sampled trace.
+pub fn outgoing_traceparent(parent: Option<&str>) -> String {
+    let span_id = random_u64().max(1);
+    let inherited = parent.and_then(|p| {
+        let mut parts = p.trim().split('-');
+        let (version, trace, _span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        (version == "00" && hex(trace, 32) && hex(flags, 2) && trace != "0".repeat(32))
+            .then(|| (trace.to_ascii_lowercase(), flags.to_ascii_lowercase()))
+    });
+    let (trace, flags) = inherited.unwrap_or_else(|| {
+        let t = (u128::from(random_u64()) << 64) | u128::from(random_u64().max(1));
+        (format!("{t:032x}"), "01".into())
+    });
+    format!("00-{trace}-{span_id:016x}-{flags}")
+}
+
+/// 64 random bits from the standard library's per-process seeded hasher (ids, not secrets).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outgoing_traceparent_keeps_the_parent_trace() {
+        let p = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let out = outgoing_traceparent(Some(p));
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out}"
+        );
+        assert!(out.ends_with("-01"));
+        assert_ne!(out, p);
+        let fresh = outgoing_traceparent(Some("garbage"));
+        assert_eq!(fresh.len(), 55, "{fresh}");
+        assert_ne!(fresh, outgoing_traceparent(None));
+    }
+
+    #[test]
+    fn tracing_is_off_without_an_endpoint_or_when_disabled() {
+        let config = Config::default();
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert!(!tracing_enabled(&config, &env(&[])));
+        static ON: [(&str, &str); 1] = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")];
+        assert!(tracing_enabled(&config, &env(&ON)));
+        static OFF: [(&str, &str); 2] = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ];
+        assert!(!tracing_enabled(&config, &env(&OFF)));
+        let configured = Config {
+            otlp_endpoint: "http://collector:4317".into(),
+            ..Config::default()
+        };
+        assert!(tracing_enabled(&configured, &env(&[])));
+    }
 }

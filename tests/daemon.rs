@@ -41,6 +41,8 @@ impl Daemon {
                 cmd.env_remove(key);
             }
         }
+        // Parallel daemons: each its own admin port.
+        cmd.env("BATCHD_ADMIN_LISTEN", "127.0.0.1:0");
         cmd.args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -1,4 +1,4 @@
-//! The batchd daemon: flags → config → logging → bind → serve until a signal.
+//! The batchd daemon: flags → config → telemetry → bind → serve until a signal.
 
 use std::process::ExitCode;
 
@@ -36,7 +36,6 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return config_error(&ConfigError::from(e)),
     };
-    batchd::telemetry::init(config.log_format, &config.log);
     match run(config, registry, reaper) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -54,6 +53,8 @@ fn config_error(e: &ConfigError) -> ExitCode {
 
 #[tokio::main]
 async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Result<()> {
+    // On the runtime: the OTLP exporter's channel lives there.
+    let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
     let res = serve(config, registry, &reaper).await;
     // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
     // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
@@ -64,6 +65,7 @@ async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Resu
             "process groups still there after kill_grace; sent SIGKILL"
         );
     }
+    telemetry.shutdown().await;
     res
 }
 
@@ -73,7 +75,10 @@ async fn serve(config: Config, registry: Registry, reaper: &Reaper) -> anyhow::R
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let server = Server::new(config, registry);
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
+    let server = Server::new(config, registry).with_admin(admin);
     let stop = tokio_util::sync::CancellationToken::new();
     let serve = server.serve(listener, stop.clone().cancelled_owned());
     tokio::pin!(serve);

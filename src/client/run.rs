@@ -152,6 +152,12 @@ where
         if let Some(d) = self.opts.deadline {
             request.set_timeout(d);
         }
+        // The daemon's spans join this trace: a child of $TRACEPARENT when the caller runs in one.
+        let parent = std::env::var("TRACEPARENT").ok();
+        let traceparent = crate::telemetry::outgoing_traceparent(parent.as_deref());
+        if let Ok(v) = traceparent.parse() {
+            request.metadata_mut().insert("traceparent", v);
+        }
         let mut responses = client
             .process(request)
             .await

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +23,8 @@ use super::scheduler::Lane;
 use super::{Counters, Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
 use crate::handlers::{quote, Handler, JobContext, JobInput, Params};
+use crate::telemetry::metrics::{outcome_index, EndReason};
+use crate::telemetry::{self, JobSpan, SessionTrace};
 
 /// How long a session cut off by shutdown tries to hand over its last results.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
@@ -41,8 +43,8 @@ pub(super) struct Session<S> {
     /// Still reading the inbound stream (false after half-close, drain or an error).
     reading: bool,
     half_closed: bool,
-    /// The rest of a batch not admitted yet because the window was full.
-    pending: Option<(Arc<str>, std::vec::IntoIter<JobRequest>)>,
+    /// The rest of a batch not admitted yet because the window was full, with the batch's span.
+    pending: Option<(Arc<str>, std::vec::IntoIter<JobRequest>, tracing::Span)>,
     /// Admitted jobs waiting for a slot, in order; entries of cancelled jobs are skipped.
     queue: VecDeque<Queued>,
     stale: usize,
@@ -55,6 +57,15 @@ pub(super) struct Session<S> {
     deadline: Option<Instant>,
     lane: Lane,
     next_seq: u64,
+    /// The window is full and the stream is not read (counted once per stall).
+    stalled: bool,
+    /// The call's span; job spans are made only when it is sampled.
+    trace: SessionTrace,
+    /// Jobs of the call by outcome, and a bit per handler row used, for the session span.
+    outcomes: [u32; 5],
+    handler_mix: u64,
+    /// When the call's result stream was dropped.
+    dropped_at: Arc<OnceLock<Instant>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -73,6 +84,18 @@ struct Slot {
     admitted: Instant,
     /// When the job started, once it runs.
     running: Option<Instant>,
+    /// The handler's row in the metrics.
+    handler_row: usize,
+    /// The job's span, when the call is sampled.
+    span: JobSpan,
+}
+
+/// What a session takes over from its [`super::Call`].
+pub(super) struct CallParts {
+    pub(super) deadline: Option<Instant>,
+    pub(super) permit: OwnedSemaphorePermit,
+    pub(super) trace: SessionTrace,
+    pub(super) dropped_at: Arc<OnceLock<Instant>>,
 }
 
 /// How the call ends.
@@ -94,9 +117,14 @@ where
         token: CancellationToken,
         inbound: S,
         out: Sender<Outgoing>,
-        deadline: Option<Instant>,
-        permit: OwnedSemaphorePermit,
+        call: CallParts,
     ) -> Self {
+        let CallParts {
+            deadline,
+            permit,
+            trace,
+            dropped_at,
+        } = call;
         engine.stats.calls_open.fetch_add(1, Ordering::Relaxed);
         let lane = engine.scheduler.lane();
         Self {
@@ -115,21 +143,53 @@ where
             deadline,
             lane,
             next_seq: 0,
+            stalled: false,
+            trace,
+            outcomes: [0; 5],
+            handler_mix: 0,
+            dropped_at,
             _permit: permit,
         }
     }
 
     /// Runs the call to its end.
     pub(super) async fn run(mut self) {
-        match self.drive().await {
-            End::Ok | End::Gone => {}
+        let end = self.drive().await;
+        let reason = match &end {
+            End::Ok => EndReason::HalfClose,
+            End::Gone => EndReason::Disconnect,
+            End::Status(Error::DeadlineExceeded) => EndReason::Deadline,
+            End::Status(Error::ShuttingDown) => EndReason::Shutdown,
+            End::Status(_) => EndReason::Error,
+        };
+        self.engine.stats.ended(reason);
+        match end {
+            End::Ok => {}
+            End::Gone => {
+                let detected = Instant::now();
+                let held = !self.jobs.is_empty();
+                self.stop_all("the client went away");
+                if held {
+                    let from = self.dropped_at.get().copied().unwrap_or(detected);
+                    let latency = from.elapsed();
+                    self.engine.stats.cancel_latency.observe_duration(latency);
+                }
+            }
             End::Status(e) => {
                 tracing::debug!(error = %e, "call ended");
-                self.stop_all();
+                self.stop_all(reason.label());
                 if let Ok(Ok(())) = tokio::time::timeout(FINAL_FLUSH, self.out.ready()).await {
                     self.out.send(Err(e));
                 }
             }
+        }
+        if self.trace.is_sampled() {
+            let names = &self.engine.stats.handlers;
+            let mix: Vec<&str> = (0..names.len().min(64))
+                .filter(|i| self.handler_mix & (1 << i) != 0)
+                .map(|i| names[i].as_str())
+                .collect();
+            self.trace.end(reason, self.outcomes, &mix.join(","));
         }
     }
 
@@ -160,6 +220,11 @@ where
                 };
             }
             let can_read = self.reading && self.pending.is_none() && self.held() < self.window();
+            let stalled = self.reading && !can_read;
+            if stalled && !self.stalled {
+                Counters::add(&self.engine.stats.backpressure, 1);
+            }
+            self.stalled = stalled;
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return self.cancelled().await,
@@ -210,7 +275,11 @@ where
                         jobs.len()
                     )));
                 }
-                self.pending = Some((batch_id, jobs.into_iter()));
+                let span = match self.trace.is_sampled() {
+                    true => telemetry::batch_span(self.trace.span(), &batch_id, jobs.len()),
+                    false => tracing::Span::none(),
+                };
+                self.pending = Some((batch_id, jobs.into_iter(), span));
             }
             Command::Cancel { batch_id, job_ids } => {
                 let ids: Vec<String> = if job_ids.is_empty() {
@@ -241,7 +310,7 @@ where
 
     /// Admits jobs of the pending batch while the window has room.
     fn admit_pending(&mut self) -> Result<(), Error> {
-        let Some((batch_id, mut jobs)) = self.pending.take() else {
+        let Some((batch_id, mut jobs, span)) = self.pending.take() else {
             return Ok(());
         };
         let room = self.window().saturating_sub(self.held());
@@ -253,25 +322,40 @@ where
             let Some(job) = jobs.next() else {
                 break;
             };
-            admitted += usize::from(self.admit(&batch_id, job, now));
+            admitted += usize::from(self.admit(&batch_id, job, now, &span));
         }
         if jobs.len() > 0 {
-            self.pending = Some((batch_id, jobs));
+            self.pending = Some((batch_id, jobs, span));
         }
         self.lane.want(admitted);
         Ok(())
     }
 
     /// Admits one job, or puts its REJECTED result in the outbox. Returns whether it was admitted.
-    fn admit(&mut self, batch_id: &Arc<str>, job: JobRequest, now: Instant) -> bool {
+    fn admit(
+        &mut self,
+        batch_id: &Arc<str>,
+        job: JobRequest,
+        now: Instant,
+        batch_span: &tracing::Span,
+    ) -> bool {
         let checked = self.check(&job);
+        let row = match &checked {
+            Ok((row, _, _)) => *row,
+            Err(_) => self.row_of(&job.handler),
+        };
+        let span = match self.trace.is_sampled() {
+            true => telemetry::job_span(batch_span, &job.id, &job.handler),
+            false => JobSpan::none(),
+        };
         let vacant = match (checked.is_ok(), self.jobs.entry(job.id.clone())) {
             (true, std::collections::hash_map::Entry::Vacant(v)) => Some(v),
             _ => None,
         };
         match (checked, vacant) {
             (Err(reason), _) => {
-                self.push_ready(JobResult::rejected(job.id, Arc::clone(batch_id), reason));
+                let result = JobResult::rejected(job.id, Arc::clone(batch_id), reason);
+                self.push_ready(result, row, span, None);
                 false
             }
             (Ok(_), None) => {
@@ -279,10 +363,11 @@ where
                     "job id {} is already used by an unfinished job of this call",
                     quote(&job.id)
                 );
-                self.push_ready(JobResult::rejected(job.id, Arc::clone(batch_id), reason));
+                let result = JobResult::rejected(job.id, Arc::clone(batch_id), reason);
+                self.push_ready(result, row, span, None);
                 false
             }
-            (Ok((handler, timeout)), Some(vacant)) => {
+            (Ok((_, handler, timeout)), Some(vacant)) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 vacant.insert(Slot {
@@ -290,6 +375,8 @@ where
                     batch_id: Arc::clone(batch_id),
                     admitted: now,
                     running: None,
+                    handler_row: row,
+                    span,
                 });
                 self.queue.push_back(Queued {
                     seq,
@@ -307,13 +394,22 @@ where
         }
     }
 
-    /// Why the job cannot be admitted, or its handler and timeout.
-    fn check(&self, job: &JobRequest) -> Result<(Arc<dyn Handler>, Duration), String> {
+    /// The metrics row of the handler named `name` (unknown handlers share the last row).
+    fn row_of(&self, name: &str) -> usize {
+        self.engine
+            .handlers
+            .0
+            .get(name)
+            .map_or(usize::MAX, |(row, _)| *row)
+    }
+
+    /// Why the job cannot be admitted, or its handler's metrics row, the handler and the timeout.
+    fn check(&self, job: &JobRequest) -> Result<(usize, Arc<dyn Handler>, Duration), String> {
         let limits = &self.engine.limits;
         if job.id.is_empty() {
             return Err("job id is empty".into());
         }
-        let Some(handler) = self.engine.registry.get(&job.handler) else {
+        let Some((row, handler)) = self.engine.handlers.0.get(&job.handler) else {
             return Err(format!(
                 "unknown handler {} (ListHandlers names the known ones)",
                 quote(&job.handler)
@@ -336,7 +432,7 @@ where
         handler
             .check(&job.params)
             .map_err(|e| format!("bad params for handler {}: {e}", quote(&job.handler)))?;
-        Ok((Arc::clone(handler), timeout))
+        Ok((*row, Arc::clone(handler), timeout))
     }
 
     /// Starts up to `n` queued jobs on freshly granted slots; gives back the slots it cannot use.
@@ -351,19 +447,24 @@ where
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
-            match self.jobs.get_mut(&q.id) {
+            let span = match self.jobs.get_mut(&q.id) {
                 Some(slot) if slot.seq == q.seq && slot.running.is_none() => {
                     slot.running = Some(now);
+                    self.engine
+                        .stats
+                        .queue_time
+                        .observe_duration(now - slot.admitted);
+                    slot.span.handle()
                 }
                 _ => {
                     // Cancelled while queued.
                     self.stale = self.stale.saturating_sub(1);
                     continue;
                 }
-            }
+            };
             n -= 1;
             started += 1;
-            let ctx = JobContext::new(self.engine.cpu.clone());
+            let ctx = JobContext::new(self.engine.cpu.clone(), span);
             let input = JobInput {
                 payload: q.payload,
                 params: q.params,
@@ -407,7 +508,9 @@ where
             return false;
         };
         let started = slot.running.unwrap_or(now);
-        self.push_ready(JobResult {
+        self.engine.stats.run_time.observe_duration(now - started);
+        let cancelled_by = (done.outcome == Outcome::Cancelled).then_some("CancelJobs");
+        let result = JobResult {
             job_id: done.id,
             batch_id: slot.batch_id,
             outcome: done.outcome,
@@ -415,7 +518,8 @@ where
             error: done.error,
             queued: Some(started - slot.admitted),
             ran: Some(now - started),
-        });
+        };
+        self.push_ready(result, slot.handler_row, slot.span, cancelled_by);
         true
     }
 
@@ -443,7 +547,7 @@ where
                 .retain(|q| jobs.get(&q.id).is_some_and(|s| s.seq == q.seq));
             self.stale = 0;
         }
-        self.push_ready(JobResult {
+        let result = JobResult {
             job_id: id,
             batch_id: slot.batch_id,
             outcome: Outcome::Cancelled,
@@ -451,14 +555,24 @@ where
             error: "cancelled by CancelJobs before it started".into(),
             queued: Some(slot.admitted.elapsed()),
             ran: Some(Duration::ZERO),
-        });
+        };
+        self.push_ready(result, slot.handler_row, slot.span, Some("CancelJobs"));
         false
     }
 
-    fn push_ready(&mut self, result: JobResult) {
+    /// Counts a finished job, ends its span and queues its result.
+    fn push_ready(
+        &mut self,
+        result: JobResult,
+        row: usize,
+        span: JobSpan,
+        cancelled_by: Option<&str>,
+    ) {
         let stats = &self.engine.stats;
-        stats.finished(result.outcome, 1);
+        stats.add_finished(row, result.outcome, 1);
         Counters::add(&stats.results_buffered, 1);
+        self.count(row, result.outcome, 1);
+        span.end(&result, cancelled_by);
         self.ready.push_back(result);
     }
 
@@ -474,6 +588,7 @@ where
             n += 1;
         }
         Counters::sub(&self.engine.stats.results_buffered, n);
+        self.engine.stats.coalesced.observe(n as u64);
         if n == self.ready.len() {
             // Usually everything fits: hand over the buffer itself and keep none.
             return Vec::from(std::mem::take(&mut self.ready));
@@ -481,16 +596,12 @@ where
         self.ready.drain(..n).collect()
     }
 
-    /// Drops every job of the call at once and gives back its worker slots.
-    fn stop_all(&mut self) {
+    /// Drops every job of the call at once and gives back its worker slots; `why` is what the job
+    /// spans give as the canceller.
+    fn stop_all(&mut self, why: &str) {
         self.running.clear();
         self.queue.clear();
-        let stats = &self.engine.stats;
-        let running = self.jobs.values().filter(|s| s.running.is_some()).count();
-        Counters::sub(&stats.jobs_running, running);
-        Counters::sub(&stats.jobs_queued, self.jobs.len() - running);
-        stats.finished(Outcome::Cancelled, self.jobs.len());
-        self.jobs.clear();
+        self.drop_jobs(why);
         self.pending = None;
         self.lane.release_all();
     }
@@ -518,7 +629,7 @@ where
                     (now - slot.admitted, Duration::ZERO)
                 }
             };
-            self.push_ready(JobResult {
+            let result = JobResult {
                 job_id: id,
                 batch_id: slot.batch_id,
                 outcome: Outcome::Cancelled,
@@ -526,9 +637,10 @@ where
                 error: "batchd shut down before the job finished".into(),
                 queued: Some(queued),
                 ran: Some(ran),
-            });
+            };
+            self.push_ready(result, slot.handler_row, slot.span, Some("shutdown"));
         }
-        self.stop_all();
+        self.stop_all("shutdown");
         let flush = async {
             while !self.ready.is_empty() {
                 if self.out.ready().await.is_err() {
@@ -543,14 +655,37 @@ where
     }
 }
 
+impl<S> Session<S> {
+    /// Counts `n` jobs of handler `row` ending with `outcome`, for the session span.
+    fn count(&mut self, row: usize, outcome: Outcome, n: usize) {
+        let i = outcome_index(outcome);
+        self.outcomes[i] = self.outcomes[i].saturating_add(n as u32);
+        self.handler_mix |= 1u64.checked_shl(row as u32).unwrap_or(0);
+    }
+
+    /// Counts every unfinished job as cancelled by `why`, ends its span and forgets it.
+    fn drop_jobs(&mut self, why: &str) {
+        let engine = Arc::clone(&self.engine);
+        let stats = &engine.stats;
+        let mut running = 0;
+        let jobs = std::mem::take(&mut self.jobs);
+        let total = jobs.len();
+        for (_, slot) in jobs {
+            running += usize::from(slot.running.is_some());
+            stats.add_finished(slot.handler_row, Outcome::Cancelled, 1);
+            self.count(slot.handler_row, Outcome::Cancelled, 1);
+            slot.span.cancelled(why);
+        }
+        Counters::sub(&stats.jobs_running, running);
+        Counters::sub(&stats.jobs_queued, total - running);
+    }
+}
+
 impl<S> Drop for Session<S> {
     fn drop(&mut self) {
         // Gauges follow what the session still held when it ended, whatever the reason.
+        self.drop_jobs("the call ended");
         let stats = &self.engine.stats;
-        let running = self.jobs.values().filter(|s| s.running.is_some()).count();
-        Counters::sub(&stats.jobs_running, running);
-        Counters::sub(&stats.jobs_queued, self.jobs.len() - running);
-        stats.finished(Outcome::Cancelled, self.jobs.len());
         Counters::sub(&stats.results_buffered, self.ready.len());
         Counters::sub(&stats.calls_open, 1);
     }

@@ -182,7 +182,7 @@ mod tests {
     }
 
     fn ctx() -> (CancellationToken, JobContext) {
-        let ctx = JobContext::new(CpuPool::new(1));
+        let ctx = JobContext::new(CpuPool::new(1), tracing::Span::none());
         (ctx.cancel_token().clone(), ctx)
     }
 

@@ -25,7 +25,7 @@ use tokio::process::Command;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-pub use child::Reaper;
+pub use child::{groups_alive, Reaper};
 pub use spec::{validate, ExecSpec, SpecError, MAX_KILL_GRACE};
 
 use super::{quote, Handler, HandlerError, JobContext, JobInput, Params, Registry};
@@ -159,11 +159,7 @@ impl Handler for Exec {
         Some(self.timeout)
     }
 
-    async fn run(
-        self: Arc<Self>,
-        input: JobInput,
-        _ctx: JobContext,
-    ) -> Result<Bytes, HandlerError> {
+    async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
         self.check_params(&input.params).map_err(HandlerError)?;
         // Waiting for the handler's own cap stays cancellable: the job's future is simply dropped.
         let _permit = match &self.permits {
@@ -179,12 +175,14 @@ impl Handler for Exec {
         let (group, pipes) = Group::spawn(&mut cmd, self.kill_grace, &self.reaper)
             .map_err(|e| HandlerError(format!("cannot start {:?}: {e}", self.program())))?;
         tracing::trace!(handler = %self.name, pgid = group.pgid().as_raw_pid(), "started");
+        crate::telemetry::record_exec_start(ctx.span(), self.program(), group.pgid().as_raw_pid());
         let exchange = exchange(
             group,
             pipes,
             input.payload,
             self.max_output,
             self.kill_grace,
+            ctx.span(),
         );
         // The engine enforces the handler's timeout (see `Handler::timeout`): on expiry it drops this
         // future, and with it the group, which kills the process group; the job ends TIMED_OUT.
@@ -203,6 +201,7 @@ async fn exchange(
     payload: Bytes,
     max_output: usize,
     grace: Duration,
+    span: &tracing::Span,
 ) -> Result<Bytes, HandlerError> {
     let Pipes {
         stdin,
@@ -230,6 +229,7 @@ async fn exchange(
             res = group.wait(), if status.is_none() => {
                 let exited = res
                     .map_err(|e| HandlerError(format!("waiting for the command: {e}")))?;
+                crate::telemetry::record_exec_exit(span, &exited);
                 status = Some(exited);
                 if output.is_none() {
                     // The command exited, but something it started still holds its stdout or

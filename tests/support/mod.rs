@@ -17,6 +17,8 @@ use tonic::transport::Channel;
 /// A daemon running on its own multi-thread runtime, so its task count is its own.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin HTTP listener (/metrics, /healthz, /readyz).
+    pub admin: SocketAddr,
     pub engine: Engine,
     /// The server runtime's handle, for `metrics().num_alive_tasks()`.
     pub runtime: tokio::runtime::Handle,
@@ -48,6 +50,9 @@ impl TestServer {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         config.listen = addr;
+        let admin_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        admin_listener.set_nonblocking(true).unwrap();
+        let admin = admin_listener.local_addr().unwrap();
         let server = Server::new(config, registry);
         let engine = server.engine().clone();
         let shutdown = CancellationToken::new();
@@ -55,6 +60,8 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let res = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
+                let admin = tokio::net::TcpListener::from_std(admin_listener)?;
+                let server = server.with_admin(admin);
                 server.serve(listener, stop.cancelled_owned()).await
             });
             runtime.shutdown_timeout(Duration::from_secs(5));
@@ -62,6 +69,7 @@ impl TestServer {
         });
         Self {
             addr,
+            admin,
             engine,
             runtime: handle,
             shutdown,
@@ -110,6 +118,25 @@ impl TestServer {
             .await
             .unwrap()
     }
+}
+
+/// A plain HTTP/1.1 GET on the admin listener: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_owned())
 }
 
 impl Drop for TestServer {

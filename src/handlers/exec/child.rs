@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -41,6 +42,14 @@ struct ReaperInner {
     groups: Mutex<HashSet<Pid>>,
     /// The longest `kill_grace` of the handlers using this reaper.
     max_grace: Mutex<Duration>,
+}
+
+/// Process groups that may still have members, over every reaper of the process (a metric).
+static GROUPS_ALIVE: AtomicU64 = AtomicU64::new(0);
+
+/// Exec process groups that may still have members, in the whole process.
+pub fn groups_alive() -> u64 {
+    GROUPS_ALIVE.load(Ordering::Relaxed)
 }
 
 /// A running command: the leader of its own process group. Dropping it kills the group.
@@ -96,11 +105,15 @@ impl Reaper {
     }
 
     fn track(&self, pgid: Pid) {
-        self.groups().insert(pgid);
+        if self.groups().insert(pgid) {
+            GROUPS_ALIVE.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn forget(&self, pgid: Pid) {
-        self.groups().remove(&pgid);
+        if self.groups().remove(&pgid) {
+            GROUPS_ALIVE.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Process groups that may still have members.
@@ -119,6 +132,7 @@ impl Reaper {
     /// skipped, and nothing started by a job keeps running.
     pub fn kill_all(&self) -> usize {
         let groups: Vec<Pid> = self.groups().drain().collect();
+        GROUPS_ALIVE.fetch_sub(groups.len() as u64, Ordering::Relaxed);
         for pgid in &groups {
             let _ = rustix::process::kill_process_group(*pgid, Signal::KILL);
         }

@@ -1,0 +1,511 @@
+//! The daemon's counters, gauges and fixed-bucket histograms (plain atomics: the hot path pays one
+//! relaxed add each), and their exposition in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::engine::Outcome;
+
+/// Upper bounds of the job queue-time and run-time buckets, in nanoseconds.
+const TIME_BUCKETS: &[u64] = &[
+    10_000,
+    100_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+    500_000_000,
+    1_000_000_000,
+    5_000_000_000,
+    30_000_000_000,
+    120_000_000_000,
+];
+
+/// Upper bounds of the cancellation-latency buckets, in nanoseconds.
+const CANCEL_BUCKETS: &[u64] = &[
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    250_000_000,
+    1_000_000_000,
+];
+
+/// Upper bounds of the results-per-message buckets.
+const COUNT_BUCKETS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
+
+/// Most bucket bounds of one histogram.
+const MAX_BUCKETS: usize = 16;
+
+/// Why a call was refused before its stream was read (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// `max_calls` calls are open.
+    TooManyCalls,
+    /// The daemon is shutting down.
+    ShuttingDown,
+}
+
+/// How a call ended (the `reason` label of `batchd_calls_ended_total`, and the session span's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client half-closed and every job was answered.
+    HalfClose,
+    /// The client went away (reset, disconnect, dropped call).
+    Disconnect,
+    /// The call's gRPC deadline passed.
+    Deadline,
+    /// The daemon shut down.
+    Shutdown,
+    /// The call ended with an error status (invalid request, transport error).
+    Error,
+}
+
+/// A histogram with fixed buckets: one relaxed add per bucket hit, another for the sum.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// Hits per bucket (not cumulative); the last one is `+Inf`.
+    counts: [AtomicU64; MAX_BUCKETS + 1],
+    sum: AtomicU64,
+}
+
+/// The engine's live counters, gauges and histograms.
+#[derive(Debug)]
+pub struct EngineMetrics {
+    /// Calls whose session is alive.
+    pub(crate) calls_open: AtomicU64,
+    /// Admitted jobs waiting for a worker slot.
+    pub(crate) jobs_queued: AtomicU64,
+    /// Jobs holding a worker slot.
+    pub(crate) jobs_running: AtomicU64,
+    /// Results held by sessions, not yet handed to the transport.
+    pub(crate) results_buffered: AtomicU64,
+    /// Jobs admitted since start.
+    pub(crate) jobs_admitted: AtomicU64,
+    /// Handler names, in the order of `finished`'s rows; one more row counts unknown handlers.
+    pub(crate) handlers: Vec<String>,
+    /// Jobs finished, by handler row and outcome in [`Outcome::ALL`] order.
+    pub(crate) finished: Box<[[AtomicU64; 5]]>,
+    /// Time from admission to start.
+    pub(crate) queue_time: Histogram,
+    /// Time from start to end.
+    pub(crate) run_time: Histogram,
+    /// From the moment the daemon learns a call is gone to its last job dropped.
+    pub(crate) cancel_latency: Histogram,
+    /// Results per response message.
+    pub(crate) coalesced: Histogram,
+    /// Times a session stopped reading its stream because its window was full.
+    pub(crate) backpressure: AtomicU64,
+    /// Calls refused, by [`Rejection`].
+    pub(crate) rejected_calls: [AtomicU64; 2],
+    /// Calls ended, by [`EndReason`].
+    pub(crate) calls_ended: [AtomicU64; 5],
+}
+
+// === impl Histogram ===
+
+impl Histogram {
+    /// A histogram with these upper bounds (at most 16, increasing).
+    fn new(bounds: &'static [u64]) -> Self {
+        Self {
+            bounds: &bounds[..bounds.len().min(MAX_BUCKETS)],
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one value (nanoseconds, or a count).
+    pub fn observe(&self, v: u64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| v <= b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// Records a duration.
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts[..=self.bounds.len()]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Writes the histogram's lines; `scale` divides bounds and sum (1e9 for nanoseconds).
+    fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let le = *bound as f64 / scale;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / scale;
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {cumulative}", braces(labels));
+    }
+}
+
+// === impl Rejection, EndReason ===
+
+impl Rejection {
+    const ALL: [Self; 2] = [Self::TooManyCalls, Self::ShuttingDown];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::TooManyCalls => "too_many_calls",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl EndReason {
+    const ALL: [Self; 5] = [
+        Self::HalfClose,
+        Self::Disconnect,
+        Self::Deadline,
+        Self::Shutdown,
+        Self::Error,
+    ];
+
+    /// The label value: `half_close`, `disconnect`, `deadline`, `shutdown` or `error`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::HalfClose => "half_close",
+            Self::Disconnect => "disconnect",
+            Self::Deadline => "deadline",
+            Self::Shutdown => "shutdown",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The label value of an outcome: `ok`, `failed`, `cancelled`, `timed_out` or `rejected`.
+pub fn outcome_label(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Ok => "ok",
+        Outcome::Failed => "failed",
+        Outcome::Cancelled => "cancelled",
+        Outcome::TimedOut => "timed_out",
+        Outcome::Rejected => "rejected",
+    }
+}
+
+/// The index of `o` in [`Outcome::ALL`].
+pub(crate) fn outcome_index(o: Outcome) -> usize {
+    Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
+}
+
+// === impl EngineMetrics ===
+
+impl EngineMetrics {
+    /// Metrics for an engine running these handlers (by name, in a fixed order).
+    pub(crate) fn new(handlers: Vec<String>) -> Self {
+        let rows = handlers.len() + 1;
+        Self {
+            calls_open: AtomicU64::new(0),
+            jobs_queued: AtomicU64::new(0),
+            jobs_running: AtomicU64::new(0),
+            results_buffered: AtomicU64::new(0),
+            jobs_admitted: AtomicU64::new(0),
+            handlers,
+            finished: (0..rows)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
+            queue_time: Histogram::new(TIME_BUCKETS),
+            run_time: Histogram::new(TIME_BUCKETS),
+            cancel_latency: Histogram::new(CANCEL_BUCKETS),
+            coalesced: Histogram::new(COUNT_BUCKETS),
+            backpressure: AtomicU64::new(0),
+            rejected_calls: std::array::from_fn(|_| AtomicU64::new(0)),
+            calls_ended: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// The row of `finished` for the handler at `index` (unknown handlers share the last one).
+    pub(crate) fn finished_row(&self, index: usize) -> &[AtomicU64; 5] {
+        let last = self.finished.len() - 1;
+        &self.finished[index.min(last)]
+    }
+
+    /// Counts `n` jobs of handler `index` that finished with `outcome`.
+    pub(crate) fn add_finished(&self, index: usize, outcome: Outcome, n: usize) {
+        self.finished_row(index)[outcome_index(outcome)].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Jobs finished with each outcome, over all handlers.
+    pub(crate) fn finished_by_outcome(&self) -> [u64; 5] {
+        let mut sums = [0; 5];
+        for row in self.finished.iter() {
+            for (s, c) in sums.iter_mut().zip(row) {
+                *s += c.load(Ordering::Relaxed);
+            }
+        }
+        sums
+    }
+
+    /// Adds `n` to a counter or gauge.
+    pub(crate) fn add(a: &AtomicU64, n: usize) {
+        a.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Takes `n` from a gauge.
+    pub(crate) fn sub(a: &AtomicU64, n: usize) {
+        a.fetch_sub(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a refused call.
+    pub(crate) fn rejected(&self, why: Rejection) {
+        let i = Rejection::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.rejected_calls[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an ended call.
+    pub(crate) fn ended(&self, why: EndReason) {
+        let i = EndReason::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.calls_ended[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Process-wide figures read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessFigures {
+    /// Live tokio tasks of the daemon's runtime.
+    pub tasks_alive: u64,
+    /// Resident set size in bytes, if /proc tells.
+    pub rss_bytes: Option<u64>,
+    /// Exec process groups that may still have members.
+    pub exec_groups: u64,
+}
+
+impl ProcessFigures {
+    /// Reads the figures now (on the daemon's runtime).
+    pub fn read() -> Self {
+        let tasks_alive = tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_alive_tasks() as u64)
+            .unwrap_or(0);
+        Self {
+            tasks_alive,
+            rss_bytes: rss_bytes(),
+            exec_groups: crate::handlers::exec::groups_alive(),
+        }
+    }
+}
+
+/// `VmRSS` from /proc/self/status, in bytes.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Renders every metric in the Prometheus text exposition format (version 0.0.4).
+pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let gauges: [(&str, &str, u64); 5] = [
+        (
+            "batchd_calls_open",
+            "Calls whose session is alive.",
+            load(&m.calls_open),
+        ),
+        (
+            "batchd_jobs_queued",
+            "Admitted jobs waiting for a worker slot.",
+            load(&m.jobs_queued),
+        ),
+        (
+            "batchd_jobs_running",
+            "Jobs holding a worker slot.",
+            load(&m.jobs_running),
+        ),
+        (
+            "batchd_results_buffered",
+            "Results held by sessions, not yet sent.",
+            load(&m.results_buffered),
+        ),
+        (
+            "batchd_workers_free",
+            "Worker slots nobody holds.",
+            free_workers,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        head(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    head(
+        &mut out,
+        "batchd_jobs_admitted_total",
+        "counter",
+        "Jobs admitted since start.",
+    );
+    let _ = writeln!(out, "batchd_jobs_admitted_total {}", load(&m.jobs_admitted));
+
+    head(
+        &mut out,
+        "batchd_jobs_finished_total",
+        "counter",
+        "Jobs finished (rejected ones included), by handler and outcome.",
+    );
+    let names = m.handlers.iter().map(String::as_str).chain(["_unknown"]);
+    for (name, row) in names.zip(m.finished.iter()) {
+        for (o, c) in Outcome::ALL.iter().zip(row) {
+            let _ = writeln!(
+                out,
+                "batchd_jobs_finished_total{{handler=\"{name}\",outcome=\"{}\"}} {}",
+                outcome_label(*o),
+                load(c)
+            );
+        }
+    }
+
+    let hists: [(&str, &str, &Histogram, f64); 4] = [
+        (
+            "batchd_job_queue_seconds",
+            "Time from a job's admission to its start.",
+            &m.queue_time,
+            1e9,
+        ),
+        (
+            "batchd_job_run_seconds",
+            "Time from a job's start to its end.",
+            &m.run_time,
+            1e9,
+        ),
+        (
+            "batchd_cancel_latency_seconds",
+            "From the moment the daemon learns a call is gone to its last job stopped.",
+            &m.cancel_latency,
+            1e9,
+        ),
+        (
+            "batchd_results_per_message",
+            "Results coalesced into one response message.",
+            &m.coalesced,
+            1.0,
+        ),
+    ];
+    for (name, help, h, scale) in hists {
+        head(&mut out, name, "histogram", help);
+        h.render(&mut out, name, "", scale);
+    }
+
+    head(
+        &mut out,
+        "batchd_backpressure_total",
+        "counter",
+        "Times a call's stream stopped being read because its session window was full.",
+    );
+    let _ = writeln!(out, "batchd_backpressure_total {}", load(&m.backpressure));
+    head(
+        &mut out,
+        "batchd_calls_rejected_total",
+        "counter",
+        "Calls refused, by reason.",
+    );
+    for (r, c) in Rejection::ALL.iter().zip(&m.rejected_calls) {
+        let _ = writeln!(
+            out,
+            "batchd_calls_rejected_total{{reason=\"{}\"}} {}",
+            r.label(),
+            load(c)
+        );
+    }
+    head(
+        &mut out,
+        "batchd_calls_ended_total",
+        "counter",
+        "Calls ended, by reason.",
+    );
+    for (r, c) in EndReason::ALL.iter().zip(&m.calls_ended) {
+        let _ = writeln!(
+            out,
+            "batchd_calls_ended_total{{reason=\"{}\"}} {}",
+            r.label(),
+            load(c)
+        );
+    }
+
+    head(
+        &mut out,
+        "batchd_exec_groups_alive",
+        "gauge",
+        "Exec commands' process groups that may still have members.",
+    );
+    let _ = writeln!(out, "batchd_exec_groups_alive {}", process.exec_groups);
+    head(
+        &mut out,
+        "batchd_tokio_tasks_alive",
+        "gauge",
+        "Live tasks of the daemon's tokio runtime.",
+    );
+    let _ = writeln!(out, "batchd_tokio_tasks_alive {}", process.tasks_alive);
+    if let Some(rss) = process.rss_bytes {
+        head(
+            &mut out,
+            "batchd_process_resident_memory_bytes",
+            "gauge",
+            "Resident set size of the daemon.",
+        );
+        let _ = writeln!(out, "batchd_process_resident_memory_bytes {rss}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(COUNT_BUCKETS);
+        for v in [1, 1, 3, 5000] {
+            h.observe(v);
+        }
+        assert_eq!(h.count(), 4);
+        let mut out = String::new();
+        h.render(&mut out, "x", "", 1.0);
+        assert!(out.contains("x_bucket{le=\"1\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"4\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"4096\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_sum 5005\n"), "{out}");
+        assert!(out.contains("x_count 4\n"), "{out}");
+    }
+}

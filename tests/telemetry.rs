@@ -1,0 +1,380 @@
+//! Observability end to end: spans received by a real OTLP/gRPC receiver, metrics scraped over HTTP.
+//!
+//! Telemetry is process-global (one subscriber, one tracer provider), so this binary sets it up once,
+//! on a runtime of its own that also runs the receiver, and each test tells its spans apart by the
+//! trace id it sends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use batchd::config::Config;
+use batchd::telemetry::Telemetry;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use support::{batch, http_get, job, wait_until, OpenCall, TestServer};
+
+/// Spans the receiver got, in arrival order.
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<Span>>>);
+
+struct Shared {
+    runtime: tokio::runtime::Runtime,
+    receiver: Receiver,
+    telemetry: Telemetry,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The receiver and the global telemetry, set up by the first test that needs them.
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    // Built on a thread of its own: the tests call this from inside their runtimes.
+    SHARED.get_or_init(|| std::thread::spawn(set_up).join().unwrap())
+}
+
+fn set_up() -> Shared {
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let receiver = Receiver::default();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(receiver.clone());
+        runtime.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        let config = Config {
+            otlp_endpoint: format!("http://{addr}"),
+            log: "warn".into(),
+            ..Config::default()
+        };
+        let telemetry = runtime
+            .block_on(async { batchd::telemetry::init(&config) })
+            .unwrap();
+        assert!(telemetry.is_tracing());
+        Shared {
+            runtime,
+            receiver,
+            telemetry,
+        }
+    }
+}
+
+/// Flushes the exporter until `cond` holds on the spans received so far.
+async fn spans_until(what: &str, cond: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+    let shared = shared();
+    for _ in 0..100 {
+        let flush = shared.runtime.spawn(shared.telemetry_flush());
+        flush.await.unwrap();
+        let spans = shared.receiver.0.lock().unwrap().clone();
+        if cond(&spans) {
+            return spans;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no spans for {what}");
+}
+
+impl Shared {
+    fn telemetry_flush(&'static self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.telemetry.flush()
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    let kv = span.attributes.iter().find(|kv| kv.key == key)?;
+    Some(match kv.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        Value::DoubleValue(d) => d.to_string(),
+        Value::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Spans of trace `trace` named `name`.
+fn named<'a>(spans: &'a [Span], trace: &str, name: &str) -> Vec<&'a Span> {
+    spans
+        .iter()
+        .filter(|s| hex(&s.trace_id) == trace && s.name == name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_join_the_callers_trace_and_show_outcomes() {
+    shared();
+    let server = TestServer::start(|_| {});
+    let mut client = server.client().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace}-{parent}-01");
+    let mut call = OpenCall::open_request(&mut client, |r| {
+        r.metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+    })
+    .await;
+    call.send(batch(
+        "b1",
+        vec![
+            job("a", "echo", b"1", &[]),
+            job("b", "echo", b"2", &[]),
+            job("c", "no-such-handler", b"", &[]),
+        ],
+    ))
+    .await;
+    call.half_close();
+    let (results, status) = call.finish().await;
+    status.unwrap();
+    assert_eq!(results.len(), 3);
+
+    let spans = spans_until("the half-closed call", |s| {
+        !named(s, trace, "batchd.session").is_empty() && named(s, trace, "batchd.job").len() == 3
+    })
+    .await;
+    let session = named(&spans, trace, "batchd.session")[0];
+    assert_eq!(
+        hex(&session.parent_span_id),
+        parent,
+        "parent is the client's span"
+    );
+    assert_eq!(attr(session, "session.end").as_deref(), Some("half_close"));
+    assert_eq!(attr(session, "session.ok").as_deref(), Some("2"));
+    assert_eq!(attr(session, "session.rejected").as_deref(), Some("1"));
+    assert_eq!(attr(session, "session.jobs").as_deref(), Some("3"));
+    let batches = named(&spans, trace, "batchd.batch");
+    assert_eq!(batches.len(), 1);
+    assert_eq!(attr(batches[0], "batch.id").as_deref(), Some("b1"));
+    assert_eq!(batches[0].parent_span_id, session.span_id);
+    let jobs: HashMap<String, &Span> = named(&spans, trace, "batchd.job")
+        .into_iter()
+        .map(|s| (attr(s, "job.id").unwrap(), s))
+        .collect();
+    for (id, handler, outcome) in [
+        ("a", "echo", "ok"),
+        ("b", "echo", "ok"),
+        ("c", "no-such-handler", "rejected"),
+    ] {
+        let span = jobs[id];
+        assert_eq!(attr(span, "job.handler").as_deref(), Some(handler), "{id}");
+        assert_eq!(attr(span, "job.outcome").as_deref(), Some(outcome), "{id}");
+        assert_eq!(span.parent_span_id, batches[0].span_id, "{id}");
+    }
+    assert!(attr(jobs["c"], "job.error")
+        .unwrap()
+        .contains("unknown handler"));
+    assert!(attr(jobs["a"], "job.queued_seconds").is_some());
+
+    // A client that goes away: its jobs' spans say cancelled, and by whom.
+    let trace2 = "0af7651916cd43dd8448eb211c80319c";
+    let call = OpenCall::open_request(&mut client, |r| {
+        let tp = format!("00-{trace2}-b7ad6b7169203331-01");
+        r.metadata_mut().insert("traceparent", tp.parse().unwrap());
+    })
+    .await;
+    call.send(batch(
+        "slow",
+        vec![
+            job("s1", "sleep", b"", &[("ms", "60000")]),
+            job("s2", "sleep", b"", &[("ms", "60000")]),
+        ],
+    ))
+    .await;
+    wait_until("both sleeps run", Duration::from_secs(5), || {
+        server.stats().jobs_running == 2
+    })
+    .await;
+    drop(call);
+    drop(client);
+    wait_until("the call is gone", Duration::from_secs(5), || {
+        server.is_idle()
+    })
+    .await;
+    let spans = spans_until("the dropped call", |s| {
+        !named(s, trace2, "batchd.session").is_empty() && named(s, trace2, "batchd.job").len() == 2
+    })
+    .await;
+    let session = named(&spans, trace2, "batchd.session")[0];
+    assert_eq!(attr(session, "session.end").as_deref(), Some("disconnect"));
+    assert_eq!(attr(session, "session.cancelled").as_deref(), Some("2"));
+    for span in named(&spans, trace2, "batchd.job") {
+        assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
+        assert_eq!(
+            attr(span, "job.cancelled_by").as_deref(),
+            Some("the client went away")
+        );
+    }
+    server.stop().unwrap();
+}
+
+/// One sample of `name` with exactly these labels (`""` for none) from a scrape.
+fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
+    let key = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(&key))
+        .unwrap_or_else(|| panic!("no {key:?} in\n{metrics}"));
+    line[key.len()..].trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_add_up_and_gauges_return_to_zero() {
+    shared();
+    let server = TestServer::start(|c| c.max_output = batchd::config::ByteSize(1024));
+    let (code, body) = http_get(server.admin, "/healthz");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    assert_eq!(http_get(server.admin, "/readyz").0, 200);
+    assert_eq!(http_get(server.admin, "/nope").0, 404);
+
+    let mut client = server.client().await;
+    let mut call = OpenCall::open(&mut client).await;
+    let mut jobs = Vec::new();
+    for i in 0..20 {
+        jobs.push(job(&format!("ok{i}"), "echo", b"x", &[]));
+    }
+    for i in 0..3 {
+        jobs.push(job(&format!("big{i}"), "echo", &[b'x'; 2048], &[]));
+    }
+    for i in 0..2 {
+        jobs.push(job(&format!("unknown{i}"), "nope", b"", &[]));
+    }
+    let mut slow = job("slow", "sleep", b"", &[("ms", "60000")]);
+    slow.timeout = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 20_000_000,
+    });
+    jobs.push(slow);
+    call.send(batch("b", jobs)).await;
+    call.half_close();
+    let (results, status) = call.finish().await;
+    status.unwrap();
+    assert_eq!(results.len(), 26);
+
+    // A call dropped with a job running: cancelled, and a cancellation latency observed.
+    let call = OpenCall::open(&mut client).await;
+    call.send(batch("c", vec![job("s", "sleep", b"", &[("ms", "60000")])]))
+        .await;
+    wait_until("the sleep runs", Duration::from_secs(5), || {
+        server.stats().jobs_running == 1
+    })
+    .await;
+    let scrape = http_get(server.admin, "/metrics").1;
+    assert_eq!(sample(&scrape, "batchd_jobs_running", ""), 1.0);
+    assert_eq!(sample(&scrape, "batchd_calls_open", ""), 1.0);
+    drop(call);
+    drop(client);
+    wait_until("the call is gone", Duration::from_secs(5), || {
+        server.is_idle()
+    })
+    .await;
+
+    let m = http_get(server.admin, "/metrics").1;
+    let finished = |handler: &str, outcome: &str| {
+        sample(
+            &m,
+            "batchd_jobs_finished_total",
+            &format!("handler=\"{handler}\",outcome=\"{outcome}\""),
+        )
+    };
+    assert_eq!(finished("echo", "ok"), 20.0);
+    assert_eq!(finished("echo", "failed"), 3.0);
+    assert_eq!(finished("_unknown", "rejected"), 2.0);
+    assert_eq!(finished("sleep", "timed_out"), 1.0);
+    assert_eq!(finished("sleep", "cancelled"), 1.0);
+    let total: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("batchd_jobs_finished_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(total, 27.0, "every job sent is counted once");
+    assert_eq!(sample(&m, "batchd_jobs_admitted_total", ""), 25.0);
+    for gauge in [
+        "batchd_calls_open",
+        "batchd_jobs_queued",
+        "batchd_jobs_running",
+        "batchd_results_buffered",
+    ] {
+        assert_eq!(sample(&m, gauge, ""), 0.0, "{gauge}");
+    }
+    assert_eq!(sample(&m, "batchd_job_queue_seconds_count", ""), 25.0);
+    assert_eq!(sample(&m, "batchd_job_run_seconds_count", ""), 24.0);
+    assert_eq!(sample(&m, "batchd_cancel_latency_seconds_count", ""), 1.0);
+    assert_eq!(
+        sample(&m, "batchd_calls_ended_total", "reason=\"disconnect\""),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "batchd_calls_ended_total", "reason=\"half_close\""),
+        1.0
+    );
+    assert!(sample(&m, "batchd_results_per_message_count", "") >= 1.0);
+    assert!(sample(&m, "batchd_tokio_tasks_alive", "") >= 1.0);
+    assert!(sample(&m, "batchd_process_resident_memory_bytes", "") > 0.0);
+    assert_eq!(sample(&m, "batchd_exec_groups_alive", ""), 0.0);
+
+    // Draining: /readyz turns 503 while /healthz stays 200.
+    let mut client = server.client().await;
+    let mut call = OpenCall::open(&mut client).await;
+    call.send(batch("d", vec![job("s", "sleep", b"", &[("ms", "300")])]))
+        .await;
+    call.half_close();
+    wait_until("the sleep runs", Duration::from_secs(5), || {
+        server.stats().jobs_running == 1
+    })
+    .await;
+    server.begin_shutdown();
+    let admin = server.admin;
+    wait_until("readyz says draining", Duration::from_secs(5), || {
+        http_get(admin, "/readyz").0 == 503
+    })
+    .await;
+    assert_eq!(http_get(admin, "/healthz").0, 200);
+    let (_, status) = call.finish().await;
+    status.unwrap();
+    server.join().await.unwrap();
+    assert!(
+        std::net::TcpStream::connect(admin).is_err(),
+        "the admin listener stops with the daemon"
+    );
+}

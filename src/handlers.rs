@@ -34,8 +34,12 @@ pub struct JobContext {
     /// Made on first use: most jobs never need one.
     cancel: OnceLock<CancellationToken>,
     cpu: CpuPool,
-    span: tracing::Span,
+    /// Boxed, and only for traced jobs: the context lives in every job's future.
+    span: Option<Box<tracing::Span>>,
 }
+
+/// The span of every untraced job.
+static NO_SPAN: tracing::Span = tracing::Span::none();
 
 /// Why a handler failed; the message becomes the job's `error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,13 +99,13 @@ impl JobContext {
         Self {
             cancel: OnceLock::new(),
             cpu,
-            span,
+            span: (!span.is_disabled()).then(|| Box::new(span)),
         }
     }
 
     /// The job's trace span, for handlers that record details (disabled when not traced).
     pub fn span(&self) -> &tracing::Span {
-        &self.span
+        self.span.as_deref().unwrap_or(&NO_SPAN)
     }
 
     /// A token that fires when the job ends: finished, cancelled, timed out or abandoned by its call.

@@ -23,7 +23,7 @@ use super::scheduler::Lane;
 use super::{Counters, Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
 use crate::handlers::{quote, Handler, JobContext, JobInput, Params};
-use crate::telemetry::metrics::{outcome_index, EndReason};
+use crate::telemetry::metrics::{outcome_index, EndReason, LocalHistogram};
 use crate::telemetry::{self, JobSpan, SessionTrace};
 
 /// How long a session cut off by shutdown tries to hand over its last results.
@@ -66,6 +66,9 @@ pub(super) struct Session<S> {
     handler_mix: u64,
     /// When the call's result stream was dropped.
     dropped_at: Arc<OnceLock<Instant>>,
+    /// Queue and run times, folded into the engine's histograms once per response message.
+    queue_times: LocalHistogram,
+    run_times: LocalHistogram,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -148,6 +151,8 @@ where
             outcomes: [0; 5],
             handler_mix: 0,
             dropped_at,
+            queue_times: LocalHistogram::default(),
+            run_times: LocalHistogram::default(),
             _permit: permit,
         }
     }
@@ -453,7 +458,7 @@ where
                     self.engine
                         .stats
                         .queue_time
-                        .observe_duration(now - slot.admitted);
+                        .observe_local(&mut self.queue_times, now - slot.admitted);
                     slot.span.handle()
                 }
                 _ => {
@@ -508,7 +513,10 @@ where
             return false;
         };
         let started = slot.running.unwrap_or(now);
-        self.engine.stats.run_time.observe_duration(now - started);
+        self.engine
+            .stats
+            .run_time
+            .observe_local(&mut self.run_times, now - started);
         let cancelled_by = (done.outcome == Outcome::Cancelled).then_some("CancelJobs");
         let result = JobResult {
             job_id: done.id,
@@ -587,8 +595,11 @@ where
             }
             n += 1;
         }
-        Counters::sub(&self.engine.stats.results_buffered, n);
-        self.engine.stats.coalesced.observe(n as u64);
+        let stats = &self.engine.stats;
+        Counters::sub(&stats.results_buffered, n);
+        stats.coalesced.observe(n as u64);
+        stats.queue_time.fold(&mut self.queue_times);
+        stats.run_time.fold(&mut self.run_times);
         if n == self.ready.len() {
             // Usually everything fits: hand over the buffer itself and keep none.
             return Vec::from(std::mem::take(&mut self.ready));
@@ -686,6 +697,8 @@ impl<S> Drop for Session<S> {
         // Gauges follow what the session still held when it ended, whatever the reason.
         self.drop_jobs("the call ended");
         let stats = &self.engine.stats;
+        stats.queue_time.fold(&mut self.queue_times);
+        stats.run_time.fold(&mut self.run_times);
         Counters::sub(&stats.results_buffered, self.ready.len());
         Counters::sub(&stats.calls_open, 1);
     }

@@ -78,6 +78,15 @@ pub struct Histogram {
     sum: AtomicU64,
 }
 
+/// A task's own tally for a [`Histogram`], folded into it now and then: a per-job observation then
+/// touches no shared cache line.
+#[derive(Debug, Default)]
+pub(crate) struct LocalHistogram {
+    counts: [u32; MAX_BUCKETS + 1],
+    sum: u64,
+    pending: bool,
+}
+
 /// The engine's live counters, gauges and histograms.
 #[derive(Debug)]
 pub struct EngineMetrics {
@@ -137,6 +146,34 @@ impl Histogram {
     /// Records a duration.
     pub fn observe_duration(&self, d: Duration) {
         self.observe(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Records a duration in `local`, to be folded in by [`Histogram::fold`].
+    pub(crate) fn observe_local(&self, local: &mut LocalHistogram, d: Duration) {
+        let v = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| v <= b)
+            .unwrap_or(self.bounds.len());
+        local.counts[i] = local.counts[i].saturating_add(1);
+        local.sum = local.sum.saturating_add(v);
+        local.pending = true;
+    }
+
+    /// Adds what `local` recorded since the last fold, and clears it.
+    pub(crate) fn fold(&self, local: &mut LocalHistogram) {
+        if !local.pending {
+            return;
+        }
+        for (shared, n) in self.counts.iter().zip(&mut local.counts) {
+            if *n > 0 {
+                shared.fetch_add(u64::from(std::mem::take(n)), Ordering::Relaxed);
+            }
+        }
+        self.sum
+            .fetch_add(std::mem::take(&mut local.sum), Ordering::Relaxed);
+        local.pending = false;
     }
 
     /// Observations so far.

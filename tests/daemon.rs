@@ -286,6 +286,51 @@ async fn serves_jobs_then_exits_0_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on() {
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // Nothing listens on port 9 here: exports fail, and the flush at exit must stay bounded.
+    let mut daemon = Daemon::serving(&[
+        "--admin-listen",
+        &admin.to_string(),
+        "--set",
+        "otlp_endpoint=http://127.0.0.1:9",
+        "--set",
+        "trace_flush_timeout=1s",
+    ])
+    .await;
+    let mut client = daemon.client().await;
+    let mut call = OpenCall::open(&mut client).await;
+    call.send(batch("b", vec![job("j", "echo", b"x", &[])]))
+        .await;
+    call.half_close();
+    let (results, status) = tokio::time::timeout(LIVENESS, call.finish()).await.unwrap();
+    status.unwrap();
+    assert_eq!(results.len(), 1);
+    drop((call, client));
+
+    let (code, metrics) = tokio::task::spawn_blocking(move || support::http_get(admin, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("batchd_jobs_finished_total{handler=\"echo\",outcome=\"ok\"} 1\n"),
+        "{metrics}"
+    );
+    let started = std::time::Instant::now();
+    daemon.signal("TERM");
+    let status = daemon.exit().await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cancels_a_running_job_after_the_grace_period_and_exits_0() {
     // The default grace (30 s) is longer than the liveness deadline: the setting must take effect.
     let mut daemon = Daemon::serving(&["--set", "shutdown_grace=300ms"]).await;

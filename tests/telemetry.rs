@@ -353,6 +353,24 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
     assert!(sample(&m, "batchd_process_resident_memory_bytes", "") > 0.0);
     assert_eq!(sample(&m, "batchd_exec_groups_alive", ""), 0.0);
 
+    // The example dashboard only uses metrics the daemon exposes.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana-dashboard.json"
+    ))
+    .unwrap();
+    for part in dashboard.split("batchd_").skip(1) {
+        let name: String = part
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        let name = format!("batchd_{name}");
+        assert!(
+            m.lines().any(|l| l.starts_with(&name)),
+            "the dashboard uses {name}, which /metrics does not expose"
+        );
+    }
+
     // Draining: /readyz turns 503 while /healthz stays 200.
     let mut client = server.client().await;
     let mut call = OpenCall::open(&mut client).await;

@@ -66,6 +66,9 @@ pub struct Config {
     /// OTLP/gRPC endpoint spans are exported to, e.g. `http://127.0.0.1:4317`; empty: the standard
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable decides, and with neither, tracing is off.
     pub otlp_endpoint: String,
+    /// Also push the counters and gauges over OTLP/gRPC to the same endpoint (every
+    /// `OTEL_METRIC_EXPORT_INTERVAL`, 60 s by default); only while traces are exported.
+    pub otlp_metrics: bool,
     /// How long exporting a batch of spans, and flushing them at exit, may take.
     #[serde(with = "units::duration")]
     pub trace_flush_timeout: Duration,
@@ -163,6 +166,7 @@ impl Default for Config {
             log: "info".into(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             otlp_endpoint: String::new(),
+            otlp_metrics: false,
             trace_flush_timeout: Duration::from_secs(5),
             exec: Vec::new(),
         }

@@ -14,9 +14,12 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
@@ -27,8 +30,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat};
-use crate::engine::{JobResult, Outcome};
-use metrics::EndReason;
+use crate::engine::{Engine, JobResult, Outcome};
+use metrics::{EndReason, ProcessFigures};
 
 /// The target of the daemon's trace spans; the log output never shows them.
 const TRACE_TARGET: &str = "batchd::trace";
@@ -48,6 +51,8 @@ pub enum TelemetryError {
 #[derive(Debug)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// Pushes the metrics over OTLP, when `otlp_metrics` is on.
+    meters: Option<SdkMeterProvider>,
     flush_timeout: Duration,
 }
 
@@ -61,6 +66,9 @@ pub struct SessionTrace {
 /// The span of one job, or nothing when its call is not sampled (one null pointer).
 #[derive(Debug, Default)]
 pub struct JobSpan(Option<Box<tracing::Span>>);
+
+/// A pushed gauge: name, description and how to read it from the engine.
+type Gauge = (&'static str, &'static str, fn(&Engine) -> u64);
 
 /// Reads W3C trace context from gRPC metadata.
 struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
@@ -103,6 +111,10 @@ fn init_from(
             .with_tracked_inactivity(false)
             .with_filter(targets)
     });
+    let meters = match (&provider, config.otlp_metrics) {
+        (Some(_), true) => Some(meter_provider(config, &env)?),
+        _ => None,
+    };
     let installed = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(otel)
@@ -113,8 +125,40 @@ fn init_from(
     }
     Ok(Telemetry {
         provider: provider.filter(|_| installed),
+        meters: meters.filter(|_| installed),
         flush_timeout: config.trace_flush_timeout,
     })
+}
+
+/// The resource: `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` (read by the SDK), else `batchd`.
+fn resource(env: &impl Fn(&str) -> Option<String>) -> Resource {
+    let mut resource = Resource::builder();
+    let named = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    if !named {
+        resource = resource.with_service_name("batchd");
+    }
+    resource.build()
+}
+
+/// The meter provider: OTLP/gRPC metric exporter on a periodic reader (`OTEL_METRIC_EXPORT_INTERVAL`).
+fn meter_provider(
+    config: &Config,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<SdkMeterProvider, TelemetryError> {
+    let mut exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .with_timeout(config.trace_flush_timeout);
+    if !config.otlp_endpoint.is_empty() {
+        exporter = exporter.with_endpoint(config.otlp_endpoint.clone());
+    }
+    let exporter = exporter
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    Ok(SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter)
+        .with_resource(resource(env))
+        .build())
 }
 
 /// Traces are on unless `OTEL_SDK_DISABLED=true`, if an endpoint is configured or in the environment.
@@ -141,17 +185,10 @@ fn provider(
     let exporter = exporter
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-    // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; "batchd" when neither names one.
-    let mut resource = Resource::builder();
-    let named = env("OTEL_SERVICE_NAME").is_some()
-        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
-    if !named {
-        resource = resource.with_service_name("batchd");
-    }
     // The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the SDK's default is parentbased_always_on.
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(resource.build())
+        .with_resource(resource(env))
         .build())
 }
 
@@ -162,6 +199,7 @@ impl Telemetry {
     pub fn disabled() -> Self {
         Self {
             provider: None,
+            meters: None,
             flush_timeout: Duration::ZERO,
         }
     }
@@ -171,18 +209,125 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Exports the spans ended so far, within the flush timeout (for tests and embedders).
+    /// Exports the spans ended so far and the metrics now, within the flush timeout (for tests
+    /// and embedders).
     pub async fn flush(&self) {
-        let Some(provider) = self.provider.clone() else {
+        let (provider, meters) = (self.provider.clone(), self.meters.clone());
+        let flush = tokio::task::spawn_blocking(move || {
+            if let Some(p) = provider {
+                let _ = p.force_flush();
+            }
+            if let Some(m) = meters {
+                let _ = m.force_flush();
+            }
+        });
+        let _ = tokio::time::timeout(self.flush_timeout + Duration::from_secs(1), flush).await;
+    }
+
+    /// Whether metrics are pushed over OTLP.
+    pub fn is_pushing_metrics(&self) -> bool {
+        self.meters.is_some()
+    }
+
+    /// Pushes `engine`'s counters and gauges over OTLP (when `otlp_metrics` is on), read at each
+    /// export. Histograms stay on `/metrics`. Call it on the daemon's runtime (its task count).
+    pub fn push_metrics(&self, engine: &Engine) {
+        let Some(meters) = &self.meters else {
             return;
         };
-        let flush = tokio::task::spawn_blocking(move || provider.force_flush());
-        let _ = tokio::time::timeout(self.flush_timeout + Duration::from_secs(1), flush).await;
+        let meter = meters.meter("batchd");
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let gauges: [Gauge; 5] = [
+            ("batchd.calls.open", "Calls whose session is alive.", |e| {
+                e.stats().calls_open
+            }),
+            (
+                "batchd.jobs.queued",
+                "Admitted jobs waiting for a worker slot.",
+                |e| e.stats().jobs_queued,
+            ),
+            ("batchd.jobs.running", "Jobs holding a worker slot.", |e| {
+                e.stats().jobs_running
+            }),
+            ("batchd.results.buffered", "Results not yet sent.", |e| {
+                e.stats().results_buffered
+            }),
+            ("batchd.workers.free", "Worker slots nobody holds.", |e| {
+                e.stats().free_workers
+            }),
+        ];
+        for (name, help, read) in gauges {
+            let engine = engine.clone();
+            meter
+                .u64_observable_gauge(name)
+                .with_description(help)
+                .with_callback(move |o| o.observe(read(&engine), &[]))
+                .build();
+        }
+        meter
+            .u64_observable_gauge("batchd.process.figures")
+            .with_description(
+                "Live tokio tasks, exec process groups, resident bytes (by `figure`).",
+            )
+            .with_callback(move |o| {
+                let _guard = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                let p = ProcessFigures::read();
+                o.observe(
+                    p.tasks_alive,
+                    &[KeyValue::new("figure", "tokio_tasks_alive")],
+                );
+                o.observe(
+                    p.exec_groups,
+                    &[KeyValue::new("figure", "exec_groups_alive")],
+                );
+                if let Some(rss) = p.rss_bytes {
+                    o.observe(rss, &[KeyValue::new("figure", "resident_memory_bytes")]);
+                }
+            })
+            .build();
+        let e = engine.clone();
+        meter
+            .u64_observable_counter("batchd.jobs.finished")
+            .with_description("Jobs finished, by handler and outcome.")
+            .with_callback(move |o| {
+                let m = e.metrics();
+                for (handler, row) in metrics::handler_rows(m) {
+                    for (outcome, n) in row {
+                        let attrs = [
+                            KeyValue::new("handler", handler.to_owned()),
+                            KeyValue::new("outcome", outcome),
+                        ];
+                        o.observe(n, &attrs);
+                    }
+                }
+            })
+            .build();
+        let e = engine.clone();
+        meter
+            .u64_observable_counter("batchd.calls.ended")
+            .with_description("Calls ended, by reason; refused calls have reason refused:<why>.")
+            .with_callback(move |o| {
+                for (reason, n) in metrics::call_counts(e.metrics()) {
+                    o.observe(n, &[KeyValue::new("reason", reason)]);
+                }
+            })
+            .build();
+        let e = engine.clone();
+        meter
+            .u64_observable_counter("batchd.jobs.admitted")
+            .with_description("Jobs admitted since start.")
+            .with_callback(move |o| o.observe(e.stats().jobs_admitted, &[]))
+            .build();
     }
 
     /// Flushes pending spans and stops the exporter, within the flush timeout (off the runtime's
     /// worker threads: the SDK's shutdown blocks).
     pub async fn shutdown(mut self) {
+        if let Some(meters) = self.meters.take() {
+            let timeout = self.flush_timeout;
+            let flush = tokio::task::spawn_blocking(move || meters.shutdown_with_timeout(timeout));
+            let _ = tokio::time::timeout(timeout + Duration::from_secs(1), flush).await;
+        }
         let Some(provider) = self.provider.take() else {
             return;
         };
@@ -199,6 +344,9 @@ impl Telemetry {
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
+        if let Some(meters) = self.meters.take() {
+            let _ = meters.shutdown_with_timeout(self.flush_timeout);
+        }
         if let Some(provider) = self.provider.take() {
             let _ = provider.shutdown_with_timeout(self.flush_timeout);
         }

@@ -13,6 +13,12 @@ use std::time::Duration;
 
 use batchd::config::Config;
 use batchd::telemetry::Telemetry;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -27,9 +33,27 @@ use support::{batch, http_get, job, wait_until, OpenCall, TestServer};
 #[derive(Clone, Default)]
 struct Receiver(Arc<Mutex<Vec<Span>>>);
 
+/// Metric exports the receiver got, in arrival order.
+#[derive(Clone, Default)]
+struct MetricsReceiver(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for MetricsReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
 struct Shared {
     runtime: tokio::runtime::Runtime,
     receiver: Receiver,
+    metrics: MetricsReceiver,
     telemetry: Telemetry,
 }
 
@@ -71,24 +95,29 @@ fn set_up() -> Shared {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let service = TraceServiceServer::new(receiver.clone());
+        let metrics = MetricsReceiver::default();
+        let metrics_service = MetricsServiceServer::new(metrics.clone());
         runtime.spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics_service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
         });
         let config = Config {
             otlp_endpoint: format!("http://{addr}"),
+            otlp_metrics: true,
             log: "warn".into(),
             ..Config::default()
         };
         let telemetry = runtime
             .block_on(async { batchd::telemetry::init(&config) })
             .unwrap();
-        assert!(telemetry.is_tracing());
+        assert!(telemetry.is_tracing() && telemetry.is_pushing_metrics());
         Shared {
             runtime,
             receiver,
+            metrics,
             telemetry,
         }
     }
@@ -113,6 +142,35 @@ impl Shared {
     fn telemetry_flush(&'static self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.telemetry.flush()
     }
+}
+
+/// The sum of the data points of metric `name` in the latest export that has it.
+fn last_sum(receiver: &MetricsReceiver, name: &str) -> i64 {
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value as N};
+    let exports = receiver.0.lock().unwrap();
+    for export in exports.iter().rev() {
+        let metric = export
+            .resource_metrics
+            .iter()
+            .flat_map(|r| &r.scope_metrics)
+            .flat_map(|s| &s.metrics)
+            .find(|m| m.name == name);
+        let Some(metric) = metric else { continue };
+        let points = match &metric.data {
+            Some(Data::Sum(s)) => &s.data_points,
+            Some(Data::Gauge(g)) => &g.data_points,
+            _ => return -1,
+        };
+        return points
+            .iter()
+            .map(|p| match p.value {
+                Some(N::AsInt(i)) => i,
+                Some(N::AsDouble(d)) => d as i64,
+                None => 0,
+            })
+            .sum();
+    }
+    -1
 }
 
 fn attr(span: &Span, key: &str) -> Option<String> {
@@ -262,6 +320,8 @@ fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
 async fn metrics_add_up_and_gauges_return_to_zero() {
     shared();
     let server = TestServer::start(|c| c.max_output = batchd::config::ByteSize(1024));
+    // Also pushed over OTLP (the only engine of this binary that is).
+    shared().telemetry.push_metrics(&server.engine);
     let (code, body) = http_get(server.admin, "/healthz");
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     assert_eq!(http_get(server.admin, "/readyz").0, 200);
@@ -352,6 +412,24 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
     assert!(sample(&m, "batchd_tokio_tasks_alive", "") >= 1.0);
     assert!(sample(&m, "batchd_process_resident_memory_bytes", "") > 0.0);
     assert_eq!(sample(&m, "batchd_exec_groups_alive", ""), 0.0);
+
+    // The same counts pushed over OTLP.
+    let mut pushed = 0;
+    for _ in 0..100 {
+        let shared = shared();
+        shared
+            .runtime
+            .spawn(shared.telemetry_flush())
+            .await
+            .unwrap();
+        pushed = last_sum(&shared.metrics, "batchd.jobs.finished");
+        if pushed == 27 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pushed, 27, "jobs finished, pushed over OTLP");
+    assert_eq!(last_sum(&shared().metrics, "batchd.calls.open"), 0);
 
     // The example dashboard only uses metrics the daemon exposes.
     let dashboard = std::fs::read_to_string(concat!(

@@ -55,7 +55,7 @@ fn config_error(e: &ConfigError) -> ExitCode {
 async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Result<()> {
     // On the runtime: the OTLP exporter's channel lives there.
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
-    let res = serve(config, registry, &reaper).await;
+    let res = serve(config, registry, &reaper, &telemetry).await;
     // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
     // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
     let killed = reaper.shutdown().await;
@@ -69,7 +69,12 @@ async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Resu
     res
 }
 
-async fn serve(config: Config, registry: Registry, reaper: &Reaper) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    registry: Registry,
+    reaper: &Reaper,
+    telemetry: &batchd::telemetry::Telemetry,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -79,6 +84,7 @@ async fn serve(config: Config, registry: Registry, reaper: &Reaper) -> anyhow::R
         .await
         .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
     let server = Server::new(config, registry).with_admin(admin);
+    telemetry.push_metrics(server.engine());
     let stop = tokio_util::sync::CancellationToken::new();
     let serve = server.serve(listener, stop.clone().cancelled_owned());
     tokio::pin!(serve);

@@ -335,6 +335,33 @@ impl EngineMetrics {
     }
 }
 
+/// Every handler row of `finished`: the handler's name and its count per outcome label.
+pub(crate) fn handler_rows(
+    m: &EngineMetrics,
+) -> impl Iterator<Item = (&str, impl Iterator<Item = (&'static str, u64)> + '_)> + '_ {
+    let names = m.handlers.iter().map(String::as_str).chain(["_unknown"]);
+    names.zip(m.finished.iter()).map(|(name, row)| {
+        let counts = Outcome::ALL
+            .iter()
+            .zip(row)
+            .map(|(o, c)| (outcome_label(*o), c.load(Ordering::Relaxed)));
+        (name, counts)
+    })
+}
+
+/// Calls ended by reason, then calls refused as `refused:<reason>`.
+pub(crate) fn call_counts(m: &EngineMetrics) -> Vec<(String, u64)> {
+    let ended = EndReason::ALL
+        .iter()
+        .zip(&m.calls_ended)
+        .map(|(r, c)| (r.label().to_owned(), c.load(Ordering::Relaxed)));
+    let refused = Rejection::ALL
+        .iter()
+        .zip(&m.rejected_calls)
+        .map(|(r, c)| (format!("refused:{}", r.label()), c.load(Ordering::Relaxed)));
+    ended.chain(refused).collect()
+}
+
 /// Process-wide figures read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessFigures {

@@ -218,6 +218,10 @@ where
                 && self.jobs.is_empty()
                 && self.ready.is_empty()
             {
+                if !self.half_closed {
+                    // Shutdown: a client that half-closed meanwhile still gets its OK.
+                    self.take_sent();
+                }
                 return if self.half_closed {
                     End::Ok
                 } else {
@@ -234,7 +238,10 @@ where
                 biased;
                 _ = &mut cancelled => return self.cancelled().await,
                 _ = &mut deadline => return End::Status(Error::DeadlineExceeded),
-                _ = &mut draining, if self.reading => self.reading = false,
+                _ = &mut draining, if self.reading => {
+                    self.reading = false;
+                    self.take_sent();
+                }
                 Some(done) = self.running.next(), if !self.running.is_empty() => self.finished_all(done),
                 n = poll_fn(|cx| self.lane.poll_take(cx)), if !self.queue.is_empty() => self.start(n),
                 ready = poll_fn(|cx| self.out.poll_ready(cx)), if !self.ready.is_empty() => match ready {
@@ -256,6 +263,25 @@ where
                     }
                     Some(Err(e)) => return End::Status(e),
                 },
+            }
+        }
+    }
+
+    /// Once shutdown began: takes what the client already sent, without waiting. A half-close is
+    /// noted, so the call can still end OK; cancels apply; batches are not run (the call's
+    /// UNAVAILABLE status tells the client that jobs without a result were not run).
+    fn take_sent(&mut self) {
+        while let Some(item) = self.inbound.next().now_or_never() {
+            match item {
+                None => {
+                    self.half_closed = true;
+                    return;
+                }
+                Some(Ok(cmd @ Command::Cancel { .. })) => {
+                    let _ = self.command(cmd);
+                }
+                Some(Ok(Command::Submit { .. })) => {}
+                Some(Err(_)) => return,
             }
         }
     }
@@ -333,6 +359,11 @@ where
             self.pending = Some((batch_id, jobs, span));
         }
         self.lane.want(admitted);
+        // Counted after the claim on the pool, so that whoever sees the jobs admitted also finds
+        // them waiting for their turn.
+        let stats = &self.engine.stats;
+        Counters::add(&stats.jobs_admitted, admitted);
+        Counters::add(&stats.jobs_queued, admitted);
         Ok(())
     }
 
@@ -391,9 +422,6 @@ where
                     params: job.params,
                     timeout,
                 });
-                let stats = &self.engine.stats;
-                Counters::add(&stats.jobs_admitted, 1);
-                Counters::add(&stats.jobs_queued, 1);
                 true
             }
         }

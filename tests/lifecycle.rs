@@ -784,12 +784,36 @@ async fn a_small_call_is_not_starved_by_a_greedy_one() {
             a_count.fetch_add(msg.results.len(), Ordering::Relaxed);
         }
     });
-    permits.add_permits(1020);
+    // One job finishes at a time, so each freed slot goes to exactly one next job: the order of
+    // starts is the scheduler's order of grants, whatever the threads' timing.
+    let b_started = || {
+        started
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| &p[..] == b"b")
+            .count()
+    };
+    let step = || async {
+        let before = started.lock().unwrap().len();
+        permits.add_permits(1);
+        settle("the freed slot starts the next job", &server, || {
+            started.lock().unwrap().len() > before
+        })
+        .await;
+    };
+    while b_started() < 20 {
+        step().await;
+    }
+    // The two jobs holding the workers (B's last among them) finish; A's next ones start.
+    step().await;
+    step().await;
     let b_results = tokio::time::timeout(LIVENESS, b.collect(20))
         .await
         .expect("B's results arrive")
         .unwrap();
     let a_when_b_done = a_results.load(Ordering::Relaxed);
+    permits.add_permits(1020);
     let b_results = by_id(b_results);
     assert_eq!(b_results.len(), 20);
     assert!(b_results.values().all(|r| outcome(r) == Outcome::Ok));

@@ -3,15 +3,11 @@
 //! real port, SIGTERM/SIGINT shutdown with its grace period, and JSON logs.
 mod support;
 
-use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use batchd::proto::batch_service_client::BatchServiceClient;
 use batchd::proto::Outcome;
-use support::{batch, by_id, job, outcome, wait_until, OpenCall};
+use support::daemon::Daemon;
+use support::{batch, by_id, job, outcome, OpenCall};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -23,150 +19,6 @@ const LIVENESS: Duration = Duration::from_secs(10);
 const EXIT_CONFIG: i32 = 64;
 
 // === the process ===
-
-/// A running `batchd`; killed (SIGKILL) if a test ends while it still runs.
-struct Daemon {
-    child: Child,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    reader: Option<JoinHandle<()>>,
-    url: String,
-}
-
-impl Daemon {
-    /// Starts `batchd args…` with `env` and no other `BATCHD_*` variable.
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchd"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("BATCHD_") {
-                cmd.env_remove(key);
-            }
-        }
-        // Parallel daemons: each its own admin port.
-        cmd.env("BATCHD_ADMIN_LISTEN", "127.0.0.1:0");
-        cmd.args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&stderr);
-        // Drained all along, so the daemon never blocks on a full pipe.
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Self {
-            child,
-            stderr,
-            reader: Some(reader),
-            url: String::new(),
-        }
-    }
-
-    /// Starts `batchd --listen 127.0.0.1:PORT args…` on a free port and waits until it serves.
-    async fn serving(args: &[&str]) -> Self {
-        for _ in 0..3 {
-            // A port that was free a moment ago; another process may take it first, hence the retry.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let listen = format!("127.0.0.1:{port}");
-            let mut all = vec!["--listen", listen.as_str()];
-            all.extend_from_slice(args);
-            let mut daemon = Self::spawn(&all, &[]);
-            daemon.url = format!("http://{listen}");
-            daemon.wait_for_log("serving").await;
-            if daemon.running() {
-                return daemon;
-            }
-            assert!(
-                daemon.stderr().contains("binding"),
-                "batchd exited before serving: {}",
-                daemon.stderr()
-            );
-        }
-        panic!("no free port for batchd after 3 tries");
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Sends `signal` (e.g. `TERM`) to the daemon.
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// Waits until stderr contains `text` or the daemon exits.
-    async fn wait_for_log(&mut self, text: &str) {
-        let what = format!("batchd logs {text:?}");
-        let stderr = Arc::clone(&self.stderr);
-        let child = &mut self.child;
-        let seen = tokio::time::timeout(
-            LIVENESS,
-            wait_until(&what, LIVENESS * 2, || {
-                String::from_utf8_lossy(&stderr.lock().unwrap()).contains(text)
-                    || child.try_wait().unwrap().is_some()
-            }),
-        )
-        .await;
-        if seen.is_err() {
-            panic!("timed out waiting until {what}; stderr:\n{}", self.stderr());
-        }
-    }
-
-    /// Waits for the daemon to exit; returns its status once all of its stderr is read.
-    async fn exit(&mut self) -> ExitStatus {
-        let child = &mut self.child;
-        let exited = tokio::time::timeout(
-            LIVENESS,
-            wait_until("batchd exits", LIVENESS * 2, || {
-                child.try_wait().unwrap().is_some()
-            }),
-        )
-        .await;
-        if exited.is_err() {
-            panic!(
-                "batchd still runs after {LIVENESS:?}; stderr:\n{}",
-                self.stderr()
-            );
-        }
-        if let Some(reader) = self.reader.take() {
-            tokio::task::spawn_blocking(move || reader.join().unwrap())
-                .await
-                .unwrap();
-        }
-        self.child.wait().unwrap()
-    }
-
-    async fn client(&self) -> BatchServiceClient<tonic::transport::Channel> {
-        BatchServiceClient::connect(self.url.clone()).await.unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Runs `batchd args…` with `env`, expecting it to exit on its own; returns its code and stderr.
 async fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {

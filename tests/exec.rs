@@ -11,16 +11,14 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use batchd::config::{ByteSize, Config, ExecSpec};
 use batchd::handlers::exec::{self, Reaper, MAX_KILL_GRACE};
 use batchd::proto::{self, Outcome};
 use batchd::Registry;
+use support::daemon::{write_config, Daemon};
 use support::{batch, by_id, cancel, job, outcome, wait_until, OpenCall, TestServer};
 
 /// Generous deadline for anything that should happen "at once".
@@ -709,117 +707,6 @@ async fn list_handlers_shows_exec_handlers() {
 
 // === the real daemon binary ===
 
-/// A running `batchd` binary, SIGKILLed if a test ends while it still runs.
-struct Daemon {
-    child: Child,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    url: String,
-}
-
-impl Daemon {
-    /// Starts `batchd --config FILE args…` (the file holding `config`), without waiting.
-    fn spawn(config: &str, args: &[&str], dir: &tempfile::TempDir) -> Self {
-        let path = dir.path().join("batchd.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_batchd"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("BATCHD_") {
-                cmd.env_remove(key);
-            }
-        }
-        // Parallel daemons: each its own admin port.
-        cmd.env("BATCHD_ADMIN_LISTEN", "127.0.0.1:0");
-        cmd.arg("--config")
-            .arg(&path)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Self {
-            child,
-            stderr,
-            url: String::new(),
-        }
-    }
-
-    /// Starts the daemon on a free port and waits until it serves.
-    async fn serving(config: &str, args: &[&str], dir: &tempfile::TempDir) -> Self {
-        for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let listen = format!("127.0.0.1:{port}");
-            let mut all = vec!["--listen", listen.as_str()];
-            all.extend_from_slice(args);
-            let mut daemon = Self::spawn(config, &all, dir);
-            daemon.url = format!("http://{listen}");
-            let stderr = Arc::clone(&daemon.stderr);
-            let child = &mut daemon.child;
-            wait_until("batchd serves or exits", LIVENESS, || {
-                String::from_utf8_lossy(&stderr.lock().unwrap()).contains("serving")
-                    || child.try_wait().unwrap().is_some()
-            })
-            .await;
-            if daemon.child.try_wait().unwrap().is_none() {
-                return daemon;
-            }
-            assert!(
-                daemon.stderr().contains("binding"),
-                "batchd exited before serving: {}",
-                daemon.stderr()
-            );
-        }
-        panic!("no free port for batchd after 3 tries");
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).unwrap()
-    }
-
-    /// Waits for the daemon to exit on its own.
-    async fn exit(&mut self) -> std::process::ExitStatus {
-        let child = &mut self.child;
-        wait_until("batchd exits", LIVENESS * 2, || {
-            child.try_wait().unwrap().is_some()
-        })
-        .await;
-        self.child.wait().unwrap()
-    }
-
-    async fn client(
-        &self,
-    ) -> batchd::proto::batch_service_client::BatchServiceClient<tonic::transport::Channel> {
-        batchd::proto::batch_service_client::BatchServiceClient::connect(self.url.clone())
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_daemon_leaves_no_child_behind() {
     let dir = tempfile::tempdir().unwrap();
@@ -827,7 +714,8 @@ async fn kill_9_of_the_daemon_leaves_no_child_behind() {
     let config = format!(
         "[[exec]]\nname = \"sleeper\"\ncommand = [\"sleep\", \"60\"]\nenv = {{ {MARK} = \"{mark}\" }}\n"
     );
-    let mut daemon = Daemon::serving(&config, &[], &dir).await;
+    let path = write_config(&dir, &config);
+    let mut daemon = Daemon::serving(&["--config", path.to_str().unwrap()]).await;
     let mut client = daemon.client().await;
     let call = OpenCall::open(&mut client).await;
     call.send(batch("b", vec![job("s", "sleeper", b"", &[])]))
@@ -855,18 +743,15 @@ async fn sigterm_shutdown_kills_whole_trees_before_the_daemon_exits() {
          command = [\"sh\", \"-c\", \"trap '' TERM; sleep 60 & wait; wait\"]\n\
          kill_grace = \"300ms\"\nenv = {{ {MARK} = \"{mark}\" }}\n"
     );
-    let mut daemon = Daemon::serving(&config, &[], &dir).await;
+    let path = write_config(&dir, &config);
+    let mut daemon = Daemon::serving(&["--config", path.to_str().unwrap()]).await;
     let mut client = daemon.client().await;
     let call = OpenCall::open(&mut client).await;
     call.send(batch("b", vec![job("s", "stubborn", b"", &[])]))
         .await;
     let tree = wait_for_tree(&mark, 2).await;
 
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    daemon.signal("TERM");
     let status = daemon.exit().await;
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
     wait_until("nothing of the tree runs", LIVENESS, || {
@@ -898,15 +783,22 @@ async fn exec_config_errors_exit_64_naming_the_handler_and_field() {
     ];
     for (config, want) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let mut daemon = Daemon::spawn(config, &["--listen", "127.0.0.1:0"], &dir);
+        let path = write_config(&dir, config);
+        let args = [
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        let mut daemon = Daemon::spawn(&args, &[]);
+        // `exit` returns once all of the daemon's stderr is read.
         let status = daemon.exit().await;
-        // The stderr reader may lag the exit a little.
-        let stderr = Arc::clone(&daemon.stderr);
-        wait_until("batchd's message is read", LIVENESS, || {
-            String::from_utf8_lossy(&stderr.lock().unwrap()).contains(want)
-        })
-        .await;
         assert_eq!(status.code(), Some(64), "stderr: {}", daemon.stderr());
+        assert!(
+            daemon.stderr().contains(want),
+            "stderr: {}",
+            daemon.stderr()
+        );
         assert!(!daemon.stderr().contains("serving"));
     }
 }

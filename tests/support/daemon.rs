@@ -1,0 +1,170 @@
+//! The real `batchd` binary as a child process: a free port, stderr captured, killed when dropped.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use batchd::proto::batch_service_client::BatchServiceClient;
+
+use super::wait_until;
+
+/// Generous deadline for a daemon to start, log or exit.
+const LIVENESS: Duration = Duration::from_secs(10);
+
+/// Writes `text` as `batchd.toml` in `dir`; returns its path for `--config`.
+pub fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("batchd.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `batchd`; killed (SIGKILL) if a test ends while it still runs.
+pub struct Daemon {
+    pub child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+    pub url: String,
+}
+
+impl Daemon {
+    /// Starts `batchd args…` with `env` and no other `BATCHD_*` variable.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchd"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("BATCHD_") {
+                cmd.env_remove(key);
+            }
+        }
+        // Parallel daemons: each its own admin port.
+        cmd.env("BATCHD_ADMIN_LISTEN", "127.0.0.1:0");
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        // Drained all along, so the daemon never blocks on a full pipe.
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            child,
+            stderr,
+            reader: Some(reader),
+            url: String::new(),
+        }
+    }
+
+    /// Starts `batchd --listen 127.0.0.1:PORT args…` on a free port and waits until it serves.
+    pub async fn serving(args: &[&str]) -> Self {
+        for _ in 0..3 {
+            // A port that was free a moment ago; another process may take it first, hence the retry.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut all = vec!["--listen", listen.as_str()];
+            all.extend_from_slice(args);
+            let mut daemon = Self::spawn(&all, &[]);
+            daemon.url = format!("http://{listen}");
+            daemon.wait_for_log("serving").await;
+            if daemon.running() {
+                return daemon;
+            }
+            assert!(
+                daemon.stderr().contains("binding"),
+                "batchd exited before serving: {}",
+                daemon.stderr()
+            );
+        }
+        panic!("no free port for batchd after 3 tries");
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends `signal` (e.g. `TERM`) to the daemon.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits until stderr contains `text` or the daemon exits.
+    pub async fn wait_for_log(&mut self, text: &str) {
+        let what = format!("batchd logs {text:?}");
+        let stderr = Arc::clone(&self.stderr);
+        let child = &mut self.child;
+        let seen = tokio::time::timeout(
+            LIVENESS,
+            wait_until(&what, LIVENESS * 2, || {
+                String::from_utf8_lossy(&stderr.lock().unwrap()).contains(text)
+                    || child.try_wait().unwrap().is_some()
+            }),
+        )
+        .await;
+        if seen.is_err() {
+            panic!("timed out waiting until {what}; stderr:\n{}", self.stderr());
+        }
+    }
+
+    /// Waits for the daemon to exit; returns its status once all of its stderr is read.
+    pub async fn exit(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        let exited = tokio::time::timeout(
+            LIVENESS,
+            wait_until("batchd exits", LIVENESS * 2, || {
+                child.try_wait().unwrap().is_some()
+            }),
+        )
+        .await;
+        if exited.is_err() {
+            panic!(
+                "batchd still runs after {LIVENESS:?}; stderr:\n{}",
+                self.stderr()
+            );
+        }
+        if let Some(reader) = self.reader.take() {
+            tokio::task::spawn_blocking(move || reader.join().unwrap())
+                .await
+                .unwrap();
+        }
+        self.child.wait().unwrap()
+    }
+
+    pub async fn client(&self) -> BatchServiceClient<tonic::transport::Channel> {
+        BatchServiceClient::connect(self.url.clone()).await.unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

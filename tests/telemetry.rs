@@ -318,6 +318,8 @@ fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_add_up_and_gauges_return_to_zero() {
+    // `batchd_exec_groups_alive` counts every exec group of the process: none may run meanwhile.
+    let _exec = EXEC_GROUPS.lock().await;
     shared();
     let server = TestServer::start(|c| c.max_output = batchd::config::ByteSize(1024));
     // Also pushed over OTLP (the only engine of this binary that is).
@@ -473,4 +475,219 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
         std::net::TcpStream::connect(admin).is_err(),
         "the admin listener stops with the daemon"
     );
+}
+
+/// Held by a test while it runs exec commands, and by one that expects none to run: the count of
+/// live exec process groups is process-wide.
+static EXEC_GROUPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A trace id no other test of this binary uses (32 hex digits, never all zeros).
+fn fresh_trace() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let high = h.finish();
+    format!("{high:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Opens a call that is a child of a span of trace `trace`, with `edit` changing the request further.
+async fn open_traced(
+    client: &mut batchd::proto::batch_service_client::BatchServiceClient<tonic::transport::Channel>,
+    trace: &str,
+    edit: impl FnOnce(
+        &mut tonic::Request<tokio_stream::wrappers::ReceiverStream<batchd::proto::ProcessRequest>>,
+    ),
+) -> OpenCall {
+    let traceparent = format!("00-{trace}-b7ad6b7169203331-01");
+    OpenCall::open_request(client, |r| {
+        r.metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        edit(r);
+    })
+    .await
+}
+
+/// The OTLP status code of a span (0 unset, 1 ok, 2 error).
+fn status_code(span: &Span) -> i32 {
+    span.status.as_ref().map_or(0, |s| s.code)
+}
+
+const STATUS_ERROR: i32 = opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_job_spans_carry_the_command_pid_and_exit_status() {
+    use batchd::config::ExecSpec;
+    use batchd::handlers::exec;
+    use batchd::proto::Outcome;
+    use batchd::Registry;
+
+    let _exec = EXEC_GROUPS.lock().await;
+    shared();
+    // `echo $$` prints the shell's own pid: the span's pid can be checked against the real one.
+    let specs = vec![
+        ExecSpec::new("own-pid", &["/bin/sh", "-c", "echo $$"]),
+        ExecSpec::new("exit-3", &["/bin/sh", "-c", "exit 3"]),
+    ];
+    let mut registry = Registry::builtin();
+    let _reaper = exec::register(&mut registry, &specs).unwrap();
+    let server = TestServer::start_with(|c| c.exec = specs, registry);
+    let mut client = server.client().await;
+    let trace = fresh_trace();
+    let mut call = open_traced(&mut client, &trace, |_| {}).await;
+    call.send(batch(
+        "exec",
+        vec![
+            job("pid", "own-pid", b"", &[]),
+            job("three", "exit-3", b"", &[]),
+        ],
+    ))
+    .await;
+    call.half_close();
+    let (results, status) = call.finish().await;
+    status.unwrap();
+    let results = support::by_id(results);
+    assert_eq!(support::outcome(&results["pid"]), Outcome::Ok);
+    assert_eq!(support::outcome(&results["three"]), Outcome::Failed);
+    let printed: i64 = std::str::from_utf8(&results["pid"].output)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let spans = spans_until("the exec call", |s| {
+        !named(s, &trace, "batchd.session").is_empty() && named(s, &trace, "batchd.job").len() == 2
+    })
+    .await;
+    let jobs: HashMap<String, &Span> = named(&spans, &trace, "batchd.job")
+        .into_iter()
+        .map(|s| (attr(s, "job.id").unwrap(), s))
+        .collect();
+
+    let ok = jobs["pid"];
+    assert_eq!(attr(ok, "job.handler").as_deref(), Some("own-pid"));
+    assert_eq!(attr(ok, "exec.command").as_deref(), Some("/bin/sh"));
+    let pid: i64 = attr(ok, "exec.pid").unwrap().parse().unwrap();
+    assert!(pid > 0, "exec.pid {pid}");
+    assert_eq!(pid, printed, "exec.pid is the pid of the command that ran");
+    assert_eq!(
+        attr(ok, "exec.exit_status").as_deref(),
+        Some("exit status: 0")
+    );
+    assert_eq!(attr(ok, "job.outcome").as_deref(), Some("ok"));
+    assert_ne!(status_code(ok), STATUS_ERROR, "an ok job is no error");
+
+    let failed = jobs["three"];
+    assert_eq!(attr(failed, "job.handler").as_deref(), Some("exit-3"));
+    assert_eq!(attr(failed, "exec.command").as_deref(), Some("/bin/sh"));
+    let pid: i64 = attr(failed, "exec.pid").unwrap().parse().unwrap();
+    assert!(pid > 0, "exec.pid {pid}");
+    assert_eq!(
+        attr(failed, "exec.exit_status").as_deref(),
+        Some("exit status: 3")
+    );
+    assert_eq!(attr(failed, "job.outcome").as_deref(), Some("failed"));
+    let error = attr(failed, "job.error").unwrap();
+    assert!(error.contains("exit status: 3"), "job.error {error:?}");
+    assert_eq!(
+        status_code(failed),
+        STATUS_ERROR,
+        "a failed job is an error"
+    );
+
+    let session = named(&spans, &trace, "batchd.session")[0];
+    assert_eq!(attr(session, "session.ok").as_deref(), Some("1"));
+    assert_eq!(attr(session, "session.failed").as_deref(), Some("1"));
+    drop(call);
+    drop(client);
+    server.stop().unwrap();
+    wait_until("no exec group is left", Duration::from_secs(5), || {
+        exec::groups_alive() == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_ends_its_session_span_deadline() {
+    shared();
+    let server = TestServer::start(|_| {});
+    let mut client = server.client().await;
+    let trace = fresh_trace();
+    let mut call = open_traced(&mut client, &trace, |r| {
+        r.set_timeout(Duration::from_secs(1));
+    })
+    .await;
+    call.send(batch(
+        "late",
+        vec![job("s", "sleep", b"", &[("ms", "60000")])],
+    ))
+    .await;
+    wait_until("the sleep runs", Duration::from_secs(5), || {
+        server.stats().jobs_running == 1
+    })
+    .await;
+    let (results, status) = call.finish().await;
+    let status = status.expect_err("the call ends at its deadline");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(results.is_empty(), "{results:?}");
+
+    let spans = spans_until("the call past its deadline", |s| {
+        !named(s, &trace, "batchd.session").is_empty() && named(s, &trace, "batchd.job").len() == 1
+    })
+    .await;
+    let session = named(&spans, &trace, "batchd.session")[0];
+    assert_eq!(attr(session, "session.end").as_deref(), Some("deadline"));
+    assert_eq!(attr(session, "session.cancelled").as_deref(), Some("1"));
+    assert_eq!(status_code(session), STATUS_ERROR, "a deadline is an error");
+    let span = named(&spans, &trace, "batchd.job")[0];
+    assert_eq!(attr(span, "job.id").as_deref(), Some("s"));
+    assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
+    assert_eq!(attr(span, "job.cancelled_by").as_deref(), Some("deadline"));
+    drop(call);
+    drop(client);
+    server.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_the_grace_period_ends_the_session_span_shutdown() {
+    shared();
+    let server = TestServer::start(|c| c.shutdown_grace = Duration::from_millis(200));
+    let mut client = server.client().await;
+    let trace = fresh_trace();
+    let mut call = open_traced(&mut client, &trace, |_| {}).await;
+    call.send(batch(
+        "parked",
+        vec![job("s", "sleep", b"", &[("ms", "60000")])],
+    ))
+    .await;
+    wait_until("the sleep runs", Duration::from_secs(5), || {
+        server.stats().jobs_running == 1
+    })
+    .await;
+    server.begin_shutdown();
+    let (results, status) = call.finish().await;
+    let status = status.expect_err("a call open at shutdown ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(
+        support::outcome(&results[0]),
+        batchd::proto::Outcome::Cancelled
+    );
+    drop(call);
+    drop(client);
+    server.join().await.unwrap();
+
+    let spans = spans_until("the call cut by shutdown", |s| {
+        !named(s, &trace, "batchd.session").is_empty() && named(s, &trace, "batchd.job").len() == 1
+    })
+    .await;
+    let session = named(&spans, &trace, "batchd.session")[0];
+    assert_eq!(attr(session, "session.end").as_deref(), Some("shutdown"));
+    assert_eq!(attr(session, "session.cancelled").as_deref(), Some("1"));
+    let span = named(&spans, &trace, "batchd.job")[0];
+    assert_eq!(attr(span, "job.id").as_deref(), Some("s"));
+    assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
+    assert_eq!(attr(span, "job.cancelled_by").as_deref(), Some("shutdown"));
+    assert!(attr(span, "job.error").unwrap().contains("shut down"));
 }

@@ -1,23 +1,33 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The real `batchctl` binary as a process against an in-process daemon: big files, bad lines, binary
 //! payloads, `--ordered`, Ctrl-C, `--joblog`/`--resume`, `--retry`, exit codes, the other
-//! subcommands and the `--help` snapshots (`UPDATE_SNAPSHOTS=1` rewrites them).
+//! subcommands, the `batchctl.run` span received by a real OTLP receiver, and the `--help` snapshots
+//! (`UPDATE_SNAPSHOTS=1` rewrites them).
 mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use batchd::handlers::{Handler, HandlerError, JobContext, JobInput};
 use batchd::Registry;
 use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode, Span};
 use serde_json::Value;
 use sha2::Digest as _;
+use support::daemon::Daemon;
 use support::{wait_until, TestServer};
 use tokio::sync::Semaphore;
 
@@ -50,12 +60,33 @@ struct Finished {
     stderr: String,
 }
 
+/// Variables that would change batchctl's tracing: removed unless a test sets them.
+const TRACE_VARS: [&str; 8] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SDK_DISABLED",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+    "TRACEPARENT",
+    "TRACESTATE",
+];
+
 impl Ctl {
     /// Starts `batchctl args…`, feeding it `stdin` (or nothing), with no `BATCHD_ENDPOINT` set.
     fn spawn(args: &[&str], stdin: Option<Vec<u8>>) -> Self {
+        Self::spawn_env(args, stdin, &[])
+    }
+
+    /// Like [`Ctl::spawn`], with `env` as the only tracing variables.
+    fn spawn_env(args: &[&str], stdin: Option<Vec<u8>>, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchctl"));
+        for var in TRACE_VARS {
+            cmd.env_remove(var);
+        }
         cmd.args(args)
             .env_remove("BATCHD_ENDPOINT")
+            .envs(env.iter().copied())
             .env("COLUMNS", "100")
             .stdin(if stdin.is_some() {
                 Stdio::piped()
@@ -900,6 +931,331 @@ async fn a_closed_stdout_is_not_a_panic() {
             "{args:?}: one line at most: {stderr}"
         );
     }
+}
+
+// === traces ===
+
+/// A span and the `service.name` of the resource it came with.
+#[derive(Debug, Clone)]
+struct Exported {
+    service: String,
+    span: Span,
+}
+
+/// A real OTLP/gRPC trace receiver on 127.0.0.1, serving on the test's runtime.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<Exported>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut got = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
+            let service = value(&attrs, "service.name").unwrap_or_default();
+            for ss in rs.scope_spans {
+                got.extend(ss.spans.into_iter().map(|span| Exported {
+                    service: service.clone(),
+                    span,
+                }));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Collector {
+    /// Serves on a free port; returns the receiver and its URL.
+    async fn start() -> (Self, String) {
+        let collector = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (collector, url)
+    }
+
+    /// Every span received so far.
+    fn spans(&self) -> Vec<Exported> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until `cond` holds on the spans received; returns them.
+    async fn wait_for(&self, what: &str, cond: impl Fn(&[Exported]) -> bool) -> Vec<Exported> {
+        wait_until(what, LIVENESS, || cond(&self.spans())).await;
+        self.spans()
+    }
+
+    /// Waits for the one `batchctl.run` span received since the last call and takes it out.
+    async fn take_run_span(&self) -> Exported {
+        self.wait_for("a batchctl.run span arrives", |s| {
+            s.iter().any(|e| e.span.name == "batchctl.run")
+        })
+        .await;
+        let mut got = self.0.lock().unwrap();
+        let (runs, rest): (Vec<_>, Vec<_>) =
+            got.drain(..).partition(|e| e.span.name == "batchctl.run");
+        *got = rest;
+        assert_eq!(runs.len(), 1, "one span per run: {runs:?}");
+        runs.into_iter().next().unwrap()
+    }
+}
+
+/// An attribute's value as text.
+fn value(attrs: &[KeyValue], key: &str) -> Option<String> {
+    let kv = attrs.iter().find(|kv| kv.key == key)?;
+    Some(match kv.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => s.clone(),
+        any_value::Value::IntValue(i) => i.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    value(&span.attributes, key)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A real `batchd` exporting its spans to `otlp` at once (a short batch delay).
+async fn traced_daemon(otlp: &str) -> Daemon {
+    for _ in 0..3 {
+        let listen = format!("127.0.0.1:{}", dead_port());
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+            ("OTEL_SDK_DISABLED", "false"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+        ];
+        let mut daemon = Daemon::spawn(&["--listen", &listen], &env);
+        daemon.url = format!("http://{listen}");
+        daemon.wait_for_log("serving").await;
+        if daemon.running() {
+            return daemon;
+        }
+        assert!(daemon.stderr().contains("binding"), "{}", daemon.stderr());
+    }
+    panic!("no free port for batchd after 3 tries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_run_exports_its_span_and_the_daemons_spans_are_its_children() {
+    let (collector, otlp) = Collector::start().await;
+    let daemon = traced_daemon(&otlp).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(
+        dir.path(),
+        "jobs.jsonl",
+        [
+            echo_line("a", "1"),
+            echo_line("b", "2"),
+            r#"{"id":"c","handler":"no-such-handler"}"#.to_owned(),
+        ],
+    );
+    // A CI job's trace: batchctl joins it.
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let parent = "b7ad6b7169203331";
+    let traceparent = format!("00-{trace}-{parent}-01");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
+        ("TRACEPARENT", traceparent.as_str()),
+        ("TRACESTATE", "ci=7"),
+    ];
+    let args = [
+        "--endpoint",
+        &daemon.url,
+        "run",
+        "--quiet",
+        path_str(&input),
+    ];
+    let done = Ctl::spawn_env(&args, None, &env).finish(LIVENESS).await;
+    assert_eq!(done.code, Some(EXIT_NOT_OK), "one job rejected: {done:?}");
+    assert_eq!(records(&done.stdout).len(), 3);
+    assert_eq!(
+        done.stderr.lines().count(),
+        1,
+        "only the summary: {}",
+        done.stderr
+    );
+
+    let run = collector.take_run_span().await;
+    let span = &run.span;
+    assert_eq!(run.service, "batchctl", "the default service name");
+    assert_eq!(span.kind, SpanKind::Client as i32);
+    assert_eq!(
+        hex(&span.trace_id),
+        trace,
+        "batchctl joins the caller's trace"
+    );
+    assert_eq!(
+        hex(&span.parent_span_id),
+        parent,
+        "its parent is $TRACEPARENT"
+    );
+    assert_eq!(span.trace_state, "ci=7", "$TRACESTATE is carried on");
+    let port = daemon.url.rsplit(':').next().unwrap();
+    for (key, expected) in [
+        ("rpc.system", "grpc"),
+        ("rpc.service", "batchd.v1.BatchService"),
+        ("rpc.method", "Process"),
+        ("server.address", "127.0.0.1"),
+        ("server.port", port),
+        ("batchctl.jobs.sent", "3"),
+        ("batchctl.jobs.done", "3"),
+        ("batchctl.results.ok", "2"),
+        ("batchctl.results.failed", "0"),
+        ("batchctl.results.rejected", "1"),
+        ("batchctl.bad_lines", "0"),
+        ("batchctl.end", "completed"),
+        ("process.exit.code", "1"),
+    ] {
+        assert_eq!(attr(span, key).as_deref(), Some(expected), "{key}");
+    }
+    let status = span.status.clone().unwrap_or_default();
+    assert_eq!(status.code, StatusCode::Unset as i32, "{status:?}");
+
+    // The daemon got the span's context as traceparent: its session span is the child.
+    let spans = collector
+        .wait_for("the daemon's session span arrives", |s| {
+            s.iter()
+                .any(|e| e.span.name == "batchd.session" && hex(&e.span.trace_id) == trace)
+        })
+        .await;
+    let session = spans
+        .iter()
+        .find(|e| e.span.name == "batchd.session")
+        .unwrap();
+    assert_eq!(
+        session.span.parent_span_id, span.span_id,
+        "batchd.session is a child of batchctl.run"
+    );
+    assert_eq!(attr(&session.span, "session.jobs").as_deref(), Some("3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_span_says_how_the_run_ended() {
+    let (collector, otlp) = Collector::start().await;
+    let (server, gate) = gated_server();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Cancelled by Ctrl-C; only the traces endpoint set; no $TRACEPARENT: a trace of its own.
+    let input = write_lines(
+        dir.path(),
+        "gated.jsonl",
+        (0..5).map(|i| format!(r#"{{"id":"g{i}","handler":"gate"}}"#)),
+    );
+    let args = with_endpoint(&server, &["run", "--quiet", path_str(&input)]);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", otlp.as_str()),
+        ("OTEL_SERVICE_NAME", "ci-batchctl"),
+    ];
+    let ctl = Ctl::spawn_env(&strs(&args), None, &env);
+    wait_until("the 5 jobs run", LIVENESS, || {
+        server.stats().jobs_running == 5
+    })
+    .await;
+    ctl.signal("INT");
+    let done = ctl.finish(LIVENESS).await;
+    assert_eq!(done.code, Some(EXIT_INTERRUPTED), "{done:?}");
+    let run = collector.take_run_span().await;
+    assert_eq!(run.service, "ci-batchctl", "OTEL_SERVICE_NAME is honoured");
+    assert!(run.span.parent_span_id.is_empty(), "a root span");
+    assert_eq!(
+        attr(&run.span, "batchctl.end").as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(attr(&run.span, "batchctl.jobs.sent").as_deref(), Some("5"));
+    assert_eq!(attr(&run.span, "process.exit.code").as_deref(), Some("130"));
+    drop(gate);
+
+    // An error: the daemon cannot be reached.
+    let url = format!("http://127.0.0.1:{}", dead_port());
+    let args = ["--endpoint", url.as_str(), "run", path_str(&input)];
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str())];
+    let done = Ctl::spawn_env(&args, None, &env).finish(LIVENESS).await;
+    assert_eq!(done.code, Some(EXIT_UNREACHABLE), "{done:?}");
+    assert_eq!(done.stderr.lines().count(), 1, "{}", done.stderr);
+    let run = collector.take_run_span().await;
+    assert_eq!(attr(&run.span, "batchctl.end").as_deref(), Some("error"));
+    assert_eq!(attr(&run.span, "process.exit.code").as_deref(), Some("3"));
+    let status = run.span.status.clone().unwrap_or_default();
+    assert_eq!(status.code, StatusCode::Error as i32);
+    assert!(
+        status.message.starts_with("cannot reach the daemon at"),
+        "{status:?}"
+    );
+
+    // OTEL_SDK_DISABLED=true wins over the endpoint, and the sampler is the SDK's. A traced
+    // batchctl delivers its span before it exits (the runs above), so nothing received once this
+    // one has exited means nothing sent.
+    let input = write_lines(dir.path(), "echo.jsonl", [echo_line("e", "x")]);
+    let args = with_endpoint(&server, &["run", "--quiet", path_str(&input)]);
+    for off in [
+        ("OTEL_SDK_DISABLED", "true"),
+        ("OTEL_TRACES_SAMPLER", "always_off"),
+    ] {
+        let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()), off];
+        let done = Ctl::spawn_env(&strs(&args), None, &env)
+            .finish(LIVENESS)
+            .await;
+        assert_eq!(done.code, Some(EXIT_OK), "{off:?}: {done:?}");
+        assert!(
+            collector.spans().is_empty(),
+            "{off:?}: {:?}",
+            collector.spans()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_does_not_answer_does_not_hold_the_exit() {
+    // Accepts connections and never says a word: the export can only time out.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = format!("http://{}", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let server = TestServer::start(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "jobs.jsonl", [echo_line("a", "x")]);
+    let args = with_endpoint(&server, &["run", "--quiet", path_str(&input)]);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "300"),
+    ];
+    let started = Instant::now();
+    let done = Ctl::spawn_env(&strs(&args), None, &env)
+        .finish(LIVENESS)
+        .await;
+    let took = started.elapsed();
+    holder.abort();
+    assert_eq!(done.code, Some(EXIT_OK), "{done:?}");
+    assert_eq!(
+        records(&done.stdout).len(),
+        1,
+        "the results are written first"
+    );
+    assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
+    // It waited for the export (300 ms), and not much longer: 1 s of slack at most on the flush.
+    assert!(
+        took >= Duration::from_millis(300),
+        "no export tried? {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }
 
 // === --help snapshots ===

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use batchd::client::{self, ClientError, LineDefaults, Progress, RunOptions, Summary};
+use batchd::telemetry::{ClientTelemetry, RunEnd, RunTrace};
 use clap::{CommandFactory, Parser, Subcommand};
 use std::io::IsTerminal;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -110,7 +111,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run(&cli.endpoint, args).await,
+            Command::Run(args) => traced_run(&cli.endpoint, args).await,
             Command::Handlers => handlers(&cli.endpoint).await,
             Command::Health => health(&cli.endpoint).await,
             Command::Completions { shell } => {
@@ -179,7 +180,28 @@ fn name(path: Option<&Path>, default: &str) -> String {
     path.map_or_else(|| default.to_owned(), |p| p.display().to_string())
 }
 
-async fn run(endpoint: &str, args: RunArgs) -> Result<u8, Fail> {
+/// `run` inside a `batchctl.run` span when an OTLP endpoint is configured (`OTEL_*` variables);
+/// the span is exported before batchctl exits, within a bounded time.
+async fn traced_run(endpoint: &str, args: RunArgs) -> Result<u8, Fail> {
+    let telemetry = ClientTelemetry::from_env().unwrap_or_else(|e| {
+        eprintln!("batchctl: tracing off: {e}");
+        ClientTelemetry::disabled()
+    });
+    let mut trace = telemetry.start_run("Process", endpoint);
+    let res = run(endpoint, args, &mut trace).await;
+    let (end, code) = match &res {
+        Ok(code) if *code == EXIT_INTERRUPTED => (RunEnd::Cancelled, *code),
+        Ok(code) => (RunEnd::Completed, *code),
+        Err(fail) => (RunEnd::Error(&fail.message), fail.code),
+    };
+    trace.end(end, code);
+    if let Err(e) = telemetry.shutdown().await {
+        eprintln!("batchctl: the trace was not exported: {e}");
+    }
+    res
+}
+
+async fn run(endpoint: &str, args: RunArgs, trace: &mut RunTrace) -> Result<u8, Fail> {
     let file = args.file.clone().filter(|p| p.as_os_str() != "-");
     let input_name = name(file.as_deref(), "stdin");
     let output_name = name(args.output.as_deref(), "stdout");
@@ -202,6 +224,7 @@ async fn run(endpoint: &str, args: RunArgs) -> Result<u8, Fail> {
         args,
         file,
         first_rx,
+        trace,
         [&input_name, &output_name, &joblog_name],
     )
     .await;
@@ -238,6 +261,7 @@ async fn run_jobs(
     args: RunArgs,
     file: Option<PathBuf>,
     interrupted: tokio::sync::oneshot::Receiver<()>,
+    trace: &mut RunTrace,
     [input_name, output_name, joblog_name]: [&String; 3],
 ) -> Result<u8, RunFail> {
     let io = |code, what: String| move |e: std::io::Error| RunFail::Fail(Fail::io(code, what, &e));
@@ -262,6 +286,7 @@ async fn run_jobs(
         },
         deadline: args.deadline,
         skip,
+        trace: Some(trace.headers().clone()),
         ..RunOptions::default()
     };
     let input: Box<dyn AsyncRead + Unpin + Send> = match &file {
@@ -329,6 +354,7 @@ async fn run_jobs(
         interrupt,
     )
     .await;
+    trace.record(&summary);
     drop(progress);
     if let Some(counter) = counter {
         counter.abort();

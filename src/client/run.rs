@@ -20,6 +20,7 @@ use super::{ClientError, Summary};
 use crate::proto::{
     self, batch_service_client::BatchServiceClient, process_request::Kind, Outcome,
 };
+use crate::telemetry::TraceHeaders;
 
 /// Longest input line read; longer lines are reported and skipped.
 pub const MAX_LINE: usize = 64 * 1024 * 1024;
@@ -47,6 +48,9 @@ pub struct RunOptions {
     pub deadline: Option<Duration>,
     /// Ids to skip (finished ok in an earlier run, from the job log).
     pub skip: HashSet<String>,
+    /// W3C trace context to send (batchctl's `batchctl.run` span); `None`: a `traceparent` made
+    /// here, a child of `$TRACEPARENT` when the caller runs in a trace.
+    pub trace: Option<TraceHeaders>,
 }
 
 impl Default for RunOptions {
@@ -61,6 +65,7 @@ impl Default for RunOptions {
             defaults: LineDefaults::default(),
             deadline: None,
             skip: HashSet::new(),
+            trace: None,
         }
     }
 }
@@ -153,10 +158,12 @@ where
             request.set_timeout(d);
         }
         // The daemon's spans join this trace: a child of $TRACEPARENT when the caller runs in one.
-        let parent = std::env::var("TRACEPARENT").ok();
-        let traceparent = crate::telemetry::outgoing_traceparent(parent.as_deref());
-        if let Ok(v) = traceparent.parse() {
-            request.metadata_mut().insert("traceparent", v);
+        match &self.opts.trace {
+            Some(trace) => trace.insert_into(request.metadata_mut()),
+            None => {
+                let parent = std::env::var("TRACEPARENT").ok();
+                TraceHeaders::generated(parent.as_deref()).insert_into(request.metadata_mut());
+            }
         }
         let mut responses = client
             .process(request)

@@ -71,6 +71,8 @@ struct Inner {
     cpu: CpuPool,
     /// Parent of every call's token: cancelled when shutdown's grace period is over.
     root: CancellationToken,
+    /// When `root` was cancelled: the start of those calls' cancellation latency.
+    cancelled_at: std::sync::OnceLock<Instant>,
     /// Cancelled when shutdown starts: calls stop reading new jobs and finish what they hold.
     drain: CancellationToken,
     sessions: TaskTracker,
@@ -166,6 +168,7 @@ impl Engine {
                 limits,
                 registry,
                 root: CancellationToken::new(),
+                cancelled_at: std::sync::OnceLock::new(),
                 drain: CancellationToken::new(),
                 sessions: TaskTracker::new(),
                 handlers,
@@ -222,10 +225,11 @@ impl Engine {
     pub fn stats(&self) -> Stats {
         let c = &self.inner.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (jobs_queued, jobs_running) = c.jobs_queued_running();
         Stats {
             calls_open: get(&c.calls_open),
-            jobs_queued: get(&c.jobs_queued),
-            jobs_running: get(&c.jobs_running),
+            jobs_queued,
+            jobs_running,
             results_buffered: get(&c.results_buffered),
             jobs_admitted: get(&c.jobs_admitted),
             finished: c.finished_by_outcome(),
@@ -241,6 +245,7 @@ impl Engine {
     /// Ends shutdown's grace: every job of every call is cancelled now.
     pub fn cancel_all(&self) {
         self.inner.drain.cancel();
+        let _ = self.inner.cancelled_at.set(Instant::now());
         self.inner.root.cancel();
     }
 

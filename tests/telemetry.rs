@@ -316,12 +316,21 @@ fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
     line[key.len()..].trim().parse().unwrap()
 }
 
+/// Calls whose jobs were stopped for `reason`, from the cancellation-latency histogram.
+fn cancels(metrics: &str, reason: &str) -> f64 {
+    let labels = format!("reason=\"{reason}\"");
+    sample(metrics, "batchd_cancel_latency_seconds_count", &labels)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_add_up_and_gauges_return_to_zero() {
     // `batchd_exec_groups_alive` counts every exec group of the process: none may run meanwhile.
     let _exec = EXEC_GROUPS.lock().await;
     shared();
-    let server = TestServer::start(|c| c.max_output = batchd::config::ByteSize(1024));
+    let server = TestServer::start(|c| {
+        c.max_output = batchd::config::ByteSize(1024);
+        c.workers = 1;
+    });
     // Also pushed over OTLP (the only engine of this binary that is).
     shared().telemetry.push_metrics(&server.engine);
     let (code, body) = http_get(server.admin, "/healthz");
@@ -353,16 +362,30 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
     status.unwrap();
     assert_eq!(results.len(), 26);
 
-    // A call dropped with a job running: cancelled, and a cancellation latency observed.
+    // A call dropped with a job running and one queued behind it (one worker): both cancelled,
+    // and a cancellation latency observed.
     let call = OpenCall::open(&mut client).await;
-    call.send(batch("c", vec![job("s", "sleep", b"", &[("ms", "60000")])]))
-        .await;
-    wait_until("the sleep runs", Duration::from_secs(5), || {
-        server.stats().jobs_running == 1
-    })
+    let held = vec![
+        job("s", "sleep", b"", &[("ms", "60000")]),
+        job("e", "echo", b"x", &[]),
+    ];
+    call.send(batch("c", held)).await;
+    wait_until(
+        "the sleep runs, the echo waits",
+        Duration::from_secs(5),
+        || {
+            let s = server.stats();
+            s.jobs_running == 1 && s.jobs_queued == 1
+        },
+    )
     .await;
     let scrape = http_get(server.admin, "/metrics").1;
-    assert_eq!(sample(&scrape, "batchd_jobs_running", ""), 1.0);
+    let by_handler =
+        |name: &str, handler: &str| sample(&scrape, name, &format!("handler=\"{handler}\""));
+    assert_eq!(by_handler("batchd_jobs_running", "sleep"), 1.0);
+    assert_eq!(by_handler("batchd_jobs_running", "echo"), 0.0);
+    assert_eq!(by_handler("batchd_jobs_queued", "echo"), 1.0);
+    assert_eq!(by_handler("batchd_jobs_queued", "sleep"), 0.0);
     assert_eq!(sample(&scrape, "batchd_calls_open", ""), 1.0);
     drop(call);
     drop(client);
@@ -384,24 +407,26 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
     assert_eq!(finished("_unknown", "rejected"), 2.0);
     assert_eq!(finished("sleep", "timed_out"), 1.0);
     assert_eq!(finished("sleep", "cancelled"), 1.0);
+    assert_eq!(finished("echo", "cancelled"), 1.0);
     let total: f64 = m
         .lines()
         .filter(|l| l.starts_with("batchd_jobs_finished_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
-    assert_eq!(total, 27.0, "every job sent is counted once");
-    assert_eq!(sample(&m, "batchd_jobs_admitted_total", ""), 25.0);
-    for gauge in [
-        "batchd_calls_open",
-        "batchd_jobs_queued",
-        "batchd_jobs_running",
-        "batchd_results_buffered",
-    ] {
+    assert_eq!(total, 28.0, "every job sent is counted once");
+    assert_eq!(sample(&m, "batchd_jobs_admitted_total", ""), 26.0);
+    for gauge in ["batchd_calls_open", "batchd_results_buffered"] {
         assert_eq!(sample(&m, gauge, ""), 0.0, "{gauge}");
+    }
+    for gauge in ["batchd_jobs_queued{", "batchd_jobs_running{"] {
+        let rows: Vec<&str> = m.lines().filter(|l| l.starts_with(gauge)).collect();
+        assert!(rows.len() >= 3, "a row per handler: {rows:?}");
+        assert!(rows.iter().all(|l| l.ends_with(" 0")), "{rows:?}");
     }
     assert_eq!(sample(&m, "batchd_job_queue_seconds_count", ""), 25.0);
     assert_eq!(sample(&m, "batchd_job_run_seconds_count", ""), 24.0);
-    assert_eq!(sample(&m, "batchd_cancel_latency_seconds_count", ""), 1.0);
+    assert_eq!(cancels(&m, "disconnect"), 1.0);
+    assert_eq!(cancels(&m, "deadline"), 0.0);
     assert_eq!(
         sample(&m, "batchd_calls_ended_total", "reason=\"disconnect\""),
         1.0
@@ -425,12 +450,12 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
             .await
             .unwrap();
         pushed = last_sum(&shared.metrics, "batchd.jobs.finished");
-        if pushed == 27 {
+        if pushed == 28 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(pushed, 27, "jobs finished, pushed over OTLP");
+    assert_eq!(pushed, 28, "jobs finished, pushed over OTLP");
     assert_eq!(last_sum(&shared().metrics, "batchd.calls.open"), 0);
 
     // The example dashboard only uses metrics the daemon exposes.
@@ -644,6 +669,13 @@ async fn a_call_past_its_deadline_ends_its_session_span_deadline() {
     assert_eq!(attr(span, "job.id").as_deref(), Some("s"));
     assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
     assert_eq!(attr(span, "job.cancelled_by").as_deref(), Some("deadline"));
+    wait_until("the call is over", Duration::from_secs(5), || {
+        server.is_idle()
+    })
+    .await;
+    let m = http_get(server.admin, "/metrics").1;
+    assert_eq!(cancels(&m, "deadline"), 1.0, "its cancellation latency");
+    assert_eq!(cancels(&m, "disconnect"), 0.0);
     drop(call);
     drop(client);
     server.stop().unwrap();
@@ -676,7 +708,10 @@ async fn shutdown_past_the_grace_period_ends_the_session_span_shutdown() {
     );
     drop(call);
     drop(client);
+    let engine = server.engine.clone();
     server.join().await.unwrap();
+    let m = batchd::telemetry::metrics::render(engine.metrics(), 0, Default::default());
+    assert_eq!(cancels(&m, "shutdown"), 1.0, "its cancellation latency");
 
     let spans = spans_until("the call cut by shutdown", |s| {
         !named(s, &trace, "batchd.session").is_empty() && named(s, &trace, "batchd.job").len() == 1

@@ -23,7 +23,7 @@ use super::scheduler::Lane;
 use super::{Counters, Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
 use crate::handlers::{quote, Handler, JobContext, JobInput, Params};
-use crate::telemetry::metrics::{outcome_index, EndReason, LocalHistogram};
+use crate::telemetry::metrics::{outcome_index, EndReason, GaugeDeltas, LocalHistogram};
 use crate::telemetry::{self, JobSpan, SessionTrace};
 
 /// How long a session cut off by shutdown tries to hand over its last results.
@@ -69,6 +69,8 @@ pub(super) struct Session<S> {
     /// Queue and run times, folded into the engine's histograms once per response message.
     queue_times: LocalHistogram,
     run_times: LocalHistogram,
+    /// Queued and running jobs by handler, folded into the engine's gauges before each wait.
+    gauges: GaugeDeltas,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -130,6 +132,7 @@ where
         } = call;
         engine.stats.calls_open.fetch_add(1, Ordering::Relaxed);
         let lane = engine.scheduler.lane();
+        let gauges = engine.stats.gauge_deltas();
         Self {
             engine,
             token,
@@ -153,6 +156,7 @@ where
             dropped_at,
             queue_times: LocalHistogram::default(),
             run_times: LocalHistogram::default(),
+            gauges,
             _permit: permit,
         }
     }
@@ -168,21 +172,24 @@ where
             End::Status(_) => EndReason::Error,
         };
         self.engine.stats.ended(reason);
+        let detected = Instant::now();
+        let held = !self.jobs.is_empty();
         match end {
             End::Ok => {}
             End::Gone => {
-                let detected = Instant::now();
-                let held = !self.jobs.is_empty();
                 self.stop_all("the client went away");
-                if held {
-                    let from = self.dropped_at.get().copied().unwrap_or(detected);
-                    let latency = from.elapsed();
-                    self.engine.stats.cancel_latency.observe_duration(latency);
-                }
+                let from = self.dropped_at.get().copied().unwrap_or(detected);
+                self.observe_cancel(held, reason, from);
             }
             End::Status(e) => {
                 tracing::debug!(error = %e, "call ended");
                 self.stop_all(reason.label());
+                // A deadline is known in advance: its jobs are late from the deadline on.
+                let from = match (reason, self.deadline) {
+                    (EndReason::Deadline, Some(at)) => at.min(detected),
+                    _ => detected,
+                };
+                self.observe_cancel(held, reason, from);
                 if let Ok(Ok(())) = tokio::time::timeout(FINAL_FLUSH, self.out.ready()).await {
                     self.out.send(Err(e));
                 }
@@ -210,6 +217,8 @@ where
         };
         tokio::pin!(cancelled, draining, deadline);
         loop {
+            // Every change of the last turn reaches the shared gauges before the session waits.
+            self.engine.stats.fold_gauges(&mut self.gauges);
             if let Err(e) = self.admit_pending() {
                 return End::Status(e);
             }
@@ -362,8 +371,8 @@ where
         // Counted after the claim on the pool, so that whoever sees the jobs admitted also finds
         // them waiting for their turn.
         let stats = &self.engine.stats;
+        stats.fold_gauges(&mut self.gauges);
         Counters::add(&stats.jobs_admitted, admitted);
-        Counters::add(&stats.jobs_queued, admitted);
         Ok(())
     }
 
@@ -414,6 +423,7 @@ where
                     handler_row: row,
                     span,
                 });
+                self.gauges.queued(row, 1);
                 self.queue.push_back(Queued {
                     seq,
                     id: job.id,
@@ -475,7 +485,7 @@ where
     fn start(&mut self, mut n: usize) {
         let now = Instant::now();
         let max_output = self.engine.limits.max_output;
-        let (mut started, mut done) = (0, 0);
+        let mut done = 0;
         while n > 0 {
             let Some(q) = self.queue.pop_front() else {
                 break;
@@ -483,6 +493,8 @@ where
             let span = match self.jobs.get_mut(&q.id) {
                 Some(slot) if slot.seq == q.seq && slot.running.is_none() => {
                     slot.running = Some(now);
+                    self.gauges.queued(slot.handler_row, -1);
+                    self.gauges.running(slot.handler_row, 1);
                     self.engine
                         .stats
                         .queue_time
@@ -496,7 +508,6 @@ where
                 }
             };
             n -= 1;
-            started += 1;
             let ctx = JobContext::new(self.engine.cpu.clone(), span);
             let input = JobInput {
                 payload: q.payload,
@@ -518,9 +529,6 @@ where
             self.queue = VecDeque::new();
             self.stale = 0;
         }
-        let stats = &self.engine.stats;
-        Counters::sub(&stats.jobs_queued, started);
-        Counters::add(&stats.jobs_running, started - done);
         self.lane.release(n + done);
     }
 
@@ -531,7 +539,6 @@ where
         while let Some(Some(done)) = self.running.next().now_or_never() {
             freed += usize::from(self.finished(done, now));
         }
-        Counters::sub(&self.engine.stats.jobs_running, freed);
         self.lane.release(freed);
     }
 
@@ -540,6 +547,7 @@ where
         let Some(slot) = self.jobs.remove(&done.id) else {
             return false;
         };
+        self.gauges.running(slot.handler_row, -1);
         let started = slot.running.unwrap_or(now);
         self.engine
             .stats
@@ -574,7 +582,7 @@ where
         let Some((id, slot)) = self.jobs.remove_entry(id) else {
             return false;
         };
-        Counters::sub(&self.engine.stats.jobs_queued, 1);
+        self.gauges.queued(slot.handler_row, -1);
         self.lane.unwant(1);
         self.stale += 1;
         if self.stale > 64 && self.stale > self.queue.len() / 2 {
@@ -654,17 +662,17 @@ where
         self.running.clear();
         self.lane.release_all();
         let now = Instant::now();
+        let from = self.engine.cancelled_at.get().copied().unwrap_or(now);
+        self.observe_cancel(!self.jobs.is_empty(), EndReason::Shutdown, from);
         let jobs: Vec<_> = self.jobs.drain().collect();
-        let engine = Arc::clone(&self.engine);
-        let stats = &engine.stats;
         for (id, slot) in jobs {
             let (queued, ran) = match slot.running {
                 Some(started) => {
-                    Counters::sub(&stats.jobs_running, 1);
+                    self.gauges.running(slot.handler_row, -1);
                     (started - slot.admitted, now - started)
                 }
                 None => {
-                    Counters::sub(&stats.jobs_queued, 1);
+                    self.gauges.queued(slot.handler_row, -1);
                     (now - slot.admitted, Duration::ZERO)
                 }
             };
@@ -695,6 +703,14 @@ where
 }
 
 impl<S> Session<S> {
+    /// Records the cancellation latency of a call ended by `why` that held jobs, from `from`.
+    fn observe_cancel(&self, held: bool, why: EndReason, from: Instant) {
+        if held {
+            let latency = Instant::now().saturating_duration_since(from);
+            self.engine.stats.observe_cancel(why, latency);
+        }
+    }
+
     /// Counts `n` jobs of handler `row` ending with `outcome`, for the session span.
     fn count(&mut self, row: usize, outcome: Outcome, n: usize) {
         let i = outcome_index(outcome);
@@ -706,17 +722,17 @@ impl<S> Session<S> {
     fn drop_jobs(&mut self, why: &str) {
         let engine = Arc::clone(&self.engine);
         let stats = &engine.stats;
-        let mut running = 0;
         let jobs = std::mem::take(&mut self.jobs);
-        let total = jobs.len();
         for (_, slot) in jobs {
-            running += usize::from(slot.running.is_some());
+            match slot.running {
+                Some(_) => self.gauges.running(slot.handler_row, -1),
+                None => self.gauges.queued(slot.handler_row, -1),
+            }
             stats.add_finished(slot.handler_row, Outcome::Cancelled, 1);
             self.count(slot.handler_row, Outcome::Cancelled, 1);
             slot.span.cancelled(why);
         }
-        Counters::sub(&stats.jobs_running, running);
-        Counters::sub(&stats.jobs_queued, total - running);
+        stats.fold_gauges(&mut self.gauges);
     }
 }
 

@@ -69,6 +69,14 @@ pub enum EndReason {
     Error,
 }
 
+/// The reasons that stop a call's jobs, in the order of `cancel_latency`.
+const CANCEL_REASONS: [EndReason; 4] = [
+    EndReason::Disconnect,
+    EndReason::Deadline,
+    EndReason::Shutdown,
+    EndReason::Error,
+];
+
 /// A histogram with fixed buckets: one relaxed add per bucket hit, another for the sum.
 #[derive(Debug)]
 pub struct Histogram {
@@ -87,15 +95,32 @@ pub(crate) struct LocalHistogram {
     pending: bool,
 }
 
+/// The jobs of one handler waiting for a worker slot and holding one.
+#[derive(Debug, Default)]
+pub(crate) struct HandlerGauges {
+    queued: AtomicU64,
+    running: AtomicU64,
+}
+
+/// A session's changes to the per-handler gauges, folded in by [`EngineMetrics::fold_gauges`]
+/// before the session yields: the gauges are exact whenever anyone can look, and a job's start
+/// touches no shared cache line.
+#[derive(Debug)]
+pub(crate) struct GaugeDeltas {
+    /// Queued and running deltas by handler row; allocated when the session admits a job.
+    rows: Vec<[i64; 2]>,
+    /// Handler rows of the engine.
+    len: usize,
+    dirty: bool,
+}
+
 /// The engine's live counters, gauges and histograms.
 #[derive(Debug)]
 pub struct EngineMetrics {
     /// Calls whose session is alive.
     pub(crate) calls_open: AtomicU64,
-    /// Admitted jobs waiting for a worker slot.
-    pub(crate) jobs_queued: AtomicU64,
-    /// Jobs holding a worker slot.
-    pub(crate) jobs_running: AtomicU64,
+    /// Queued and running jobs by handler row (same rows as `finished`).
+    pub(crate) gauges: Box<[HandlerGauges]>,
     /// Results held by sessions, not yet handed to the transport.
     pub(crate) results_buffered: AtomicU64,
     /// Jobs admitted since start.
@@ -108,8 +133,9 @@ pub struct EngineMetrics {
     pub(crate) queue_time: Histogram,
     /// Time from start to end.
     pub(crate) run_time: Histogram,
-    /// From the moment the daemon learns a call is gone to its last job dropped.
-    pub(crate) cancel_latency: Histogram,
+    /// From the moment the daemon learns a call is over to its last job dropped, by the
+    /// [`EndReason`] that stopped the jobs.
+    pub(crate) cancel_latency: [Histogram; 4],
     /// Results per response message.
     pub(crate) coalesced: Histogram,
     /// Times a session stopped reading its stream because its window was full.
@@ -214,6 +240,29 @@ impl Histogram {
     }
 }
 
+// === impl GaugeDeltas ===
+
+impl GaugeDeltas {
+    /// Adds `n` (possibly negative) to the queued jobs of handler `row`.
+    pub(crate) fn queued(&mut self, row: usize, n: i64) {
+        self.add(row, 0, n);
+    }
+
+    /// Adds `n` (possibly negative) to the running jobs of handler `row`.
+    pub(crate) fn running(&mut self, row: usize, n: i64) {
+        self.add(row, 1, n);
+    }
+
+    fn add(&mut self, row: usize, which: usize, n: i64) {
+        if self.rows.is_empty() {
+            self.rows = vec![[0; 2]; self.len.max(1)];
+        }
+        let last = self.rows.len() - 1;
+        self.rows[row.min(last)][which] += n;
+        self.dirty = true;
+    }
+}
+
 // === impl Rejection, EndReason ===
 
 impl Rejection {
@@ -272,8 +321,7 @@ impl EngineMetrics {
         let rows = handlers.len() + 1;
         Self {
             calls_open: AtomicU64::new(0),
-            jobs_queued: AtomicU64::new(0),
-            jobs_running: AtomicU64::new(0),
+            gauges: (0..rows).map(|_| HandlerGauges::default()).collect(),
             results_buffered: AtomicU64::new(0),
             jobs_admitted: AtomicU64::new(0),
             handlers,
@@ -282,7 +330,7 @@ impl EngineMetrics {
                 .collect(),
             queue_time: Histogram::new(TIME_BUCKETS),
             run_time: Histogram::new(TIME_BUCKETS),
-            cancel_latency: Histogram::new(CANCEL_BUCKETS),
+            cancel_latency: std::array::from_fn(|_| Histogram::new(CANCEL_BUCKETS)),
             coalesced: Histogram::new(COUNT_BUCKETS),
             backpressure: AtomicU64::new(0),
             rejected_calls: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -299,6 +347,50 @@ impl EngineMetrics {
     /// Counts `n` jobs of handler `index` that finished with `outcome`.
     pub(crate) fn add_finished(&self, index: usize, outcome: Outcome, n: usize) {
         self.finished_row(index)[outcome_index(outcome)].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// An empty tally of gauge changes for one session.
+    pub(crate) fn gauge_deltas(&self) -> GaugeDeltas {
+        GaugeDeltas {
+            rows: Vec::new(),
+            len: self.gauges.len(),
+            dirty: false,
+        }
+    }
+
+    /// Adds a session's gauge changes since its last fold, and clears them.
+    pub(crate) fn fold_gauges(&self, local: &mut GaugeDeltas) {
+        if !std::mem::take(&mut local.dirty) {
+            return;
+        }
+        let last = self.gauges.len() - 1;
+        for (row, d) in local.rows.iter_mut().enumerate() {
+            let g = &self.gauges[row.min(last)];
+            for (shared, n) in [&g.queued, &g.running].into_iter().zip(d.iter_mut()) {
+                let n = std::mem::take(n);
+                if n != 0 {
+                    // Two's complement: adding the wrapped negative delta subtracts.
+                    shared.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Queued and running jobs over all handlers.
+    pub(crate) fn jobs_queued_running(&self) -> (u64, u64) {
+        self.gauges.iter().fold((0, 0), |(q, r), g| {
+            (
+                q.wrapping_add(g.queued.load(Ordering::Relaxed)),
+                r.wrapping_add(g.running.load(Ordering::Relaxed)),
+            )
+        })
+    }
+
+    /// Records how long the jobs of a call ended by `why` kept going after the daemon knew.
+    pub(crate) fn observe_cancel(&self, why: EndReason, latency: Duration) {
+        if let Some(i) = CANCEL_REASONS.iter().position(|r| *r == why) {
+            self.cancel_latency[i].observe_duration(latency);
+        }
     }
 
     /// Jobs finished with each outcome, over all handlers.
@@ -402,21 +494,11 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
     let head = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    let gauges: [(&str, &str, u64); 5] = [
+    let gauges: [(&str, &str, u64); 3] = [
         (
             "batchd_calls_open",
             "Calls whose session is alive.",
             load(&m.calls_open),
-        ),
-        (
-            "batchd_jobs_queued",
-            "Admitted jobs waiting for a worker slot.",
-            load(&m.jobs_queued),
-        ),
-        (
-            "batchd_jobs_running",
-            "Jobs holding a worker slot.",
-            load(&m.jobs_running),
         ),
         (
             "batchd_results_buffered",
@@ -432,6 +514,26 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
     for (name, help, v) in gauges {
         head(&mut out, name, "gauge", help);
         let _ = writeln!(out, "{name} {v}");
+    }
+    let by_handler = [
+        (
+            "batchd_jobs_queued",
+            "Admitted jobs waiting for a worker slot, by handler.",
+            false,
+        ),
+        (
+            "batchd_jobs_running",
+            "Jobs holding a worker slot, by handler.",
+            true,
+        ),
+    ];
+    for (name, help, running) in by_handler {
+        head(&mut out, name, "gauge", help);
+        // The last row (unknown handlers) never holds a job.
+        for (handler, g) in m.handlers.iter().zip(m.gauges.iter()) {
+            let v = load(if running { &g.running } else { &g.queued });
+            let _ = writeln!(out, "{name}{{handler=\"{handler}\"}} {v}");
+        }
     }
     head(
         &mut out,
@@ -459,7 +561,7 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
         }
     }
 
-    let hists: [(&str, &str, &Histogram, f64); 4] = [
+    let hists: [(&str, &str, &Histogram, f64); 3] = [
         (
             "batchd_job_queue_seconds",
             "Time from a job's admission to its start.",
@@ -473,12 +575,6 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
             1e9,
         ),
         (
-            "batchd_cancel_latency_seconds",
-            "From the moment the daemon learns a call is gone to its last job stopped.",
-            &m.cancel_latency,
-            1e9,
-        ),
-        (
             "batchd_results_per_message",
             "Results coalesced into one response message.",
             &m.coalesced,
@@ -488,6 +584,17 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
     for (name, help, h, scale) in hists {
         head(&mut out, name, "histogram", help);
         h.render(&mut out, name, "", scale);
+    }
+    let name = "batchd_cancel_latency_seconds";
+    head(
+        &mut out,
+        name,
+        "histogram",
+        "From the moment the daemon learns a call is over (client gone, deadline, shutdown's grace \
+         over, stream error) to its last job stopped, by reason.",
+    );
+    for (r, h) in CANCEL_REASONS.iter().zip(&m.cancel_latency) {
+        h.render(&mut out, name, &format!("reason=\"{}\"", r.label()), 1e9);
     }
 
     head(

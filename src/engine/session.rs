@@ -3,6 +3,9 @@
 //! The session is a single task that owns everything of the call: the queue, the running job futures,
 //! the results not yet sent and the call's claim on the worker pool. When the call's token is cancelled
 //! the task returns and drops all of it; there is nothing else to clean up.
+//!
+//! Here: the session's state, its loop, and jobs starting and finishing. [`admit`] turns what the
+//! client sends into admitted jobs, REJECTED results and cancels; [`end`] is how a call ends.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
@@ -22,9 +25,12 @@ use super::running::{conclude, Finished, RunningJob};
 use super::scheduler::Lane;
 use super::{Counters, Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
-use crate::handlers::{quote, Handler, JobContext, JobInput, Params};
+use crate::handlers::{Handler, JobContext, JobInput, Params};
 use crate::telemetry::metrics::{outcome_index, EndReason, GaugeDeltas, LocalHistogram};
-use crate::telemetry::{self, JobSpan, SessionTrace};
+use crate::telemetry::{JobSpan, SessionTrace};
+
+mod admit;
+mod end;
 
 /// How long a session cut off by shutdown tries to hand over its last results.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
@@ -276,25 +282,6 @@ where
         }
     }
 
-    /// Once shutdown began: takes what the client already sent, without waiting. A half-close is
-    /// noted, so the call can still end OK; cancels apply; batches are not run (the call's
-    /// UNAVAILABLE status tells the client that jobs without a result were not run).
-    fn take_sent(&mut self) {
-        while let Some(item) = self.inbound.next().now_or_never() {
-            match item {
-                None => {
-                    self.half_closed = true;
-                    return;
-                }
-                Some(Ok(cmd @ Command::Cancel { .. })) => {
-                    let _ = self.command(cmd);
-                }
-                Some(Ok(Command::Submit { .. })) => {}
-                Some(Err(_)) => return,
-            }
-        }
-    }
-
     fn window(&self) -> usize {
         self.engine.limits.session_window
     }
@@ -302,180 +289,6 @@ where
     /// Jobs admitted and not finished, plus results not handed to the transport.
     fn held(&self) -> usize {
         self.jobs.len() + self.ready.len()
-    }
-
-    fn command(&mut self, cmd: Command) -> Result<(), Error> {
-        match cmd {
-            Command::Submit { batch_id, jobs } => {
-                let limit = self.engine.limits.max_jobs_per_batch;
-                if jobs.len() > limit {
-                    return Err(Error::InvalidArgument(format!(
-                        "batch {} has {} jobs, over max_jobs_per_batch ({limit})",
-                        quote(&batch_id),
-                        jobs.len()
-                    )));
-                }
-                let span = match self.trace.is_sampled() {
-                    true => telemetry::batch_span(self.trace.span(), &batch_id, jobs.len()),
-                    false => tracing::Span::none(),
-                };
-                self.pending = Some((batch_id, jobs.into_iter(), span));
-            }
-            Command::Cancel { batch_id, job_ids } => {
-                let ids: Vec<String> = if job_ids.is_empty() {
-                    self.jobs
-                        .iter()
-                        .filter(|(_, s)| *s.batch_id == *batch_id)
-                        .map(|(id, _)| id.clone())
-                        .collect()
-                } else {
-                    job_ids
-                };
-                let mut signal = std::collections::HashSet::new();
-                for id in ids {
-                    if self.cancel(&id, &batch_id) {
-                        signal.insert(id);
-                    }
-                }
-                if !signal.is_empty() {
-                    self.running
-                        .iter_mut()
-                        .filter(|job| signal.contains(job.id()))
-                        .for_each(RunningJob::cancel);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Admits jobs of the pending batch while the window has room.
-    fn admit_pending(&mut self) -> Result<(), Error> {
-        let Some((batch_id, mut jobs, span)) = self.pending.take() else {
-            return Ok(());
-        };
-        let room = self.window().saturating_sub(self.held());
-        self.queue.reserve(room.min(jobs.len()));
-        // Jobs admitted together share one clock reading.
-        let now = Instant::now();
-        let mut admitted = 0;
-        while self.held() < self.window() {
-            let Some(job) = jobs.next() else {
-                break;
-            };
-            admitted += usize::from(self.admit(&batch_id, job, now, &span));
-        }
-        if jobs.len() > 0 {
-            self.pending = Some((batch_id, jobs, span));
-        }
-        self.lane.want(admitted);
-        // Counted after the claim on the pool, so that whoever sees the jobs admitted also finds
-        // them waiting for their turn.
-        let stats = &self.engine.stats;
-        stats.fold_gauges(&mut self.gauges);
-        Counters::add(&stats.jobs_admitted, admitted);
-        Ok(())
-    }
-
-    /// Admits one job, or puts its REJECTED result in the outbox. Returns whether it was admitted.
-    fn admit(
-        &mut self,
-        batch_id: &Arc<str>,
-        job: JobRequest,
-        now: Instant,
-        batch_span: &tracing::Span,
-    ) -> bool {
-        let checked = self.check(&job);
-        let row = match &checked {
-            Ok((row, _, _)) => *row,
-            Err(_) => self.row_of(&job.handler),
-        };
-        let span = match self.trace.is_sampled() {
-            true => telemetry::job_span(batch_span, &job.id, &job.handler),
-            false => JobSpan::none(),
-        };
-        let vacant = match (checked.is_ok(), self.jobs.entry(job.id.clone())) {
-            (true, std::collections::hash_map::Entry::Vacant(v)) => Some(v),
-            _ => None,
-        };
-        match (checked, vacant) {
-            (Err(reason), _) => {
-                let result = JobResult::rejected(job.id, Arc::clone(batch_id), reason);
-                self.push_ready(result, row, span, None);
-                false
-            }
-            (Ok(_), None) => {
-                let reason = format!(
-                    "job id {} is already used by an unfinished job of this call",
-                    quote(&job.id)
-                );
-                let result = JobResult::rejected(job.id, Arc::clone(batch_id), reason);
-                self.push_ready(result, row, span, None);
-                false
-            }
-            (Ok((_, handler, timeout)), Some(vacant)) => {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                vacant.insert(Slot {
-                    seq,
-                    batch_id: Arc::clone(batch_id),
-                    admitted: now,
-                    running: None,
-                    handler_row: row,
-                    span,
-                });
-                self.gauges.queued(row, 1);
-                self.queue.push_back(Queued {
-                    seq,
-                    id: job.id,
-                    handler,
-                    payload: job.payload,
-                    params: job.params,
-                    timeout,
-                });
-                true
-            }
-        }
-    }
-
-    /// The metrics row of the handler named `name` (unknown handlers share the last row).
-    fn row_of(&self, name: &str) -> usize {
-        self.engine
-            .handlers
-            .0
-            .get(name)
-            .map_or(usize::MAX, |(row, _)| *row)
-    }
-
-    /// Why the job cannot be admitted, or its handler's metrics row, the handler and the timeout.
-    fn check(&self, job: &JobRequest) -> Result<(usize, Arc<dyn Handler>, Duration), String> {
-        let limits = &self.engine.limits;
-        if job.id.is_empty() {
-            return Err("job id is empty".into());
-        }
-        let Some((row, handler)) = self.engine.handlers.0.get(&job.handler) else {
-            return Err(format!(
-                "unknown handler {} (ListHandlers names the known ones)",
-                quote(&job.handler)
-            ));
-        };
-        if job.payload.len() > limits.max_payload {
-            return Err(format!(
-                "payload of {} bytes is over max_payload ({} bytes)",
-                job.payload.len(),
-                limits.max_payload
-            ));
-        }
-        let cap = handler.timeout().unwrap_or(limits.max_job_timeout);
-        let timeout = match job.timeout {
-            None => handler.timeout().unwrap_or(limits.default_job_timeout),
-            Some(t) if t.is_zero() => return Err("timeout must be positive".into()),
-            Some(t) => t,
-        };
-        let timeout = timeout.min(cap).min(limits.max_job_timeout);
-        handler
-            .check(&job.params)
-            .map_err(|e| format!("bad params for handler {}: {e}", quote(&job.handler)))?;
-        Ok((*row, Arc::clone(handler), timeout))
     }
 
     /// Starts up to `n` queued jobs on freshly granted slots; gives back the slots it cannot use.
@@ -566,44 +379,9 @@ where
         self.push_ready(result, slot.handler_row, slot.span, cancelled_by);
         true
     }
+}
 
-    /// Cancels one unfinished job of `batch_id`: a queued one ends now. Returns whether the job is
-    /// running, so that the caller signals it.
-    fn cancel(&mut self, id: &str, batch_id: &str) -> bool {
-        let Some(slot) = self.jobs.get(id) else {
-            return false;
-        };
-        if *slot.batch_id != *batch_id {
-            return false;
-        }
-        if slot.running.is_some() {
-            return true;
-        }
-        let Some((id, slot)) = self.jobs.remove_entry(id) else {
-            return false;
-        };
-        self.gauges.queued(slot.handler_row, -1);
-        self.lane.unwant(1);
-        self.stale += 1;
-        if self.stale > 64 && self.stale > self.queue.len() / 2 {
-            let jobs = &self.jobs;
-            self.queue
-                .retain(|q| jobs.get(&q.id).is_some_and(|s| s.seq == q.seq));
-            self.stale = 0;
-        }
-        let result = JobResult {
-            job_id: id,
-            batch_id: slot.batch_id,
-            outcome: Outcome::Cancelled,
-            output: Bytes::new(),
-            error: "cancelled by CancelJobs before it started".into(),
-            queued: Some(slot.admitted.elapsed()),
-            ran: Some(Duration::ZERO),
-        };
-        self.push_ready(result, slot.handler_row, slot.span, Some("CancelJobs"));
-        false
-    }
-
+impl<S> Session<S> {
     /// Counts a finished job, ends its span and queues its result.
     fn push_ready(
         &mut self,
@@ -643,107 +421,10 @@ where
         self.ready.drain(..n).collect()
     }
 
-    /// Drops every job of the call at once and gives back its worker slots; `why` is what the job
-    /// spans give as the canceller.
-    fn stop_all(&mut self, why: &str) {
-        self.running.clear();
-        self.queue.clear();
-        self.drop_jobs(why);
-        self.pending = None;
-        self.lane.release_all();
-    }
-
-    /// The call's token fired: either the client went away or shutdown's grace period is over.
-    async fn cancelled(&mut self) -> End {
-        if !self.engine.root.is_cancelled() {
-            return End::Gone;
-        }
-        // Shutdown: stop every job, tell the client which ones, then end with UNAVAILABLE.
-        self.running.clear();
-        self.lane.release_all();
-        let now = Instant::now();
-        let from = self.engine.cancelled_at.get().copied().unwrap_or(now);
-        self.observe_cancel(!self.jobs.is_empty(), EndReason::Shutdown, from);
-        let jobs: Vec<_> = self.jobs.drain().collect();
-        for (id, slot) in jobs {
-            let (queued, ran) = match slot.running {
-                Some(started) => {
-                    self.gauges.running(slot.handler_row, -1);
-                    (started - slot.admitted, now - started)
-                }
-                None => {
-                    self.gauges.queued(slot.handler_row, -1);
-                    (now - slot.admitted, Duration::ZERO)
-                }
-            };
-            let result = JobResult {
-                job_id: id,
-                batch_id: slot.batch_id,
-                outcome: Outcome::Cancelled,
-                output: Bytes::new(),
-                error: "batchd shut down before the job finished".into(),
-                queued: Some(queued),
-                ran: Some(ran),
-            };
-            self.push_ready(result, slot.handler_row, slot.span, Some("shutdown"));
-        }
-        self.stop_all("shutdown");
-        let flush = async {
-            while !self.ready.is_empty() {
-                if self.out.ready().await.is_err() {
-                    return;
-                }
-                let results = self.take_ready();
-                self.out.send(Ok(results));
-            }
-        };
-        let _ = tokio::time::timeout(FINAL_FLUSH, flush).await;
-        End::Status(Error::ShuttingDown)
-    }
-}
-
-impl<S> Session<S> {
-    /// Records the cancellation latency of a call ended by `why` that held jobs, from `from`.
-    fn observe_cancel(&self, held: bool, why: EndReason, from: Instant) {
-        if held {
-            let latency = Instant::now().saturating_duration_since(from);
-            self.engine.stats.observe_cancel(why, latency);
-        }
-    }
-
     /// Counts `n` jobs of handler `row` ending with `outcome`, for the session span.
     fn count(&mut self, row: usize, outcome: Outcome, n: usize) {
         let i = outcome_index(outcome);
         self.outcomes[i] = self.outcomes[i].saturating_add(n as u32);
         self.handler_mix |= 1u64.checked_shl(row as u32).unwrap_or(0);
-    }
-
-    /// Counts every unfinished job as cancelled by `why`, ends its span and forgets it.
-    fn drop_jobs(&mut self, why: &str) {
-        let engine = Arc::clone(&self.engine);
-        let stats = &engine.stats;
-        let jobs = std::mem::take(&mut self.jobs);
-        for (_, slot) in jobs {
-            match slot.running {
-                Some(_) => self.gauges.running(slot.handler_row, -1),
-                None => self.gauges.queued(slot.handler_row, -1),
-            }
-            stats.add_finished(slot.handler_row, Outcome::Cancelled, 1);
-            self.count(slot.handler_row, Outcome::Cancelled, 1);
-            slot.span.cancelled(why);
-        }
-        stats.fold_gauges(&mut self.gauges);
-    }
-}
-
-impl<S> Drop for Session<S> {
-    fn drop(&mut self) {
-        // Gauges follow what the session still held when it ended, whatever the reason.
-        self.drop_jobs("the call ended");
-        let stats = &self.engine.stats;
-        stats.queue_time.fold(&mut self.queue_times);
-        stats.run_time.fold(&mut self.run_times);
-        Counters::sub(&stats.results_buffered, self.ready.len());
-        Counters::sub(&stats.calls_open, 1);
     }
 }

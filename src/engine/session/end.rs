@@ -1,0 +1,133 @@
+//! How a call's session ends: shutdown cuts it, or its jobs are dropped at once with it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
+
+use super::{Counters, End, Session, FINAL_FLUSH};
+use crate::engine::job::{Command, JobResult, Outcome};
+use crate::error::Error;
+use crate::telemetry::metrics::EndReason;
+
+impl<S> Session<S>
+where
+    S: Stream<Item = Result<Command, Error>> + Send + Unpin + 'static,
+{
+    /// Once shutdown began: takes what the client already sent, without waiting. A half-close is
+    /// noted, so the call can still end OK; cancels apply; batches are not run (the call's
+    /// UNAVAILABLE status tells the client that jobs without a result were not run).
+    pub(super) fn take_sent(&mut self) {
+        while let Some(item) = self.inbound.next().now_or_never() {
+            match item {
+                None => {
+                    self.half_closed = true;
+                    return;
+                }
+                Some(Ok(cmd @ Command::Cancel { .. })) => {
+                    let _ = self.command(cmd);
+                }
+                Some(Ok(Command::Submit { .. })) => {}
+                Some(Err(_)) => return,
+            }
+        }
+    }
+}
+
+impl<S> Session<S> {
+    /// Drops every job of the call at once and gives back its worker slots; `why` is what the job
+    /// spans give as the canceller.
+    pub(super) fn stop_all(&mut self, why: &str) {
+        self.running.clear();
+        self.queue.clear();
+        self.drop_jobs(why);
+        self.pending = None;
+        self.lane.release_all();
+    }
+
+    /// The call's token fired: either the client went away or shutdown's grace period is over.
+    pub(super) async fn cancelled(&mut self) -> End {
+        if !self.engine.root.is_cancelled() {
+            return End::Gone;
+        }
+        // Shutdown: stop every job, tell the client which ones, then end with UNAVAILABLE.
+        self.running.clear();
+        self.lane.release_all();
+        let now = Instant::now();
+        let from = self.engine.cancelled_at.get().copied().unwrap_or(now);
+        self.observe_cancel(!self.jobs.is_empty(), EndReason::Shutdown, from);
+        let jobs: Vec<_> = self.jobs.drain().collect();
+        for (id, slot) in jobs {
+            let (queued, ran) = match slot.running {
+                Some(started) => {
+                    self.gauges.running(slot.handler_row, -1);
+                    (started - slot.admitted, now - started)
+                }
+                None => {
+                    self.gauges.queued(slot.handler_row, -1);
+                    (now - slot.admitted, Duration::ZERO)
+                }
+            };
+            let result = JobResult {
+                job_id: id,
+                batch_id: slot.batch_id,
+                outcome: Outcome::Cancelled,
+                output: Bytes::new(),
+                error: "batchd shut down before the job finished".into(),
+                queued: Some(queued),
+                ran: Some(ran),
+            };
+            self.push_ready(result, slot.handler_row, slot.span, Some("shutdown"));
+        }
+        self.stop_all("shutdown");
+        let flush = async {
+            while !self.ready.is_empty() {
+                if self.out.ready().await.is_err() {
+                    return;
+                }
+                let results = self.take_ready();
+                self.out.send(Ok(results));
+            }
+        };
+        let _ = tokio::time::timeout(FINAL_FLUSH, flush).await;
+        End::Status(Error::ShuttingDown)
+    }
+
+    /// Records the cancellation latency of a call ended by `why` that held jobs, from `from`.
+    pub(super) fn observe_cancel(&self, held: bool, why: EndReason, from: Instant) {
+        if held {
+            let latency = Instant::now().saturating_duration_since(from);
+            self.engine.stats.observe_cancel(why, latency);
+        }
+    }
+
+    /// Counts every unfinished job as cancelled by `why`, ends its span and forgets it.
+    fn drop_jobs(&mut self, why: &str) {
+        let engine = Arc::clone(&self.engine);
+        let stats = &engine.stats;
+        let jobs = std::mem::take(&mut self.jobs);
+        for (_, slot) in jobs {
+            match slot.running {
+                Some(_) => self.gauges.running(slot.handler_row, -1),
+                None => self.gauges.queued(slot.handler_row, -1),
+            }
+            stats.add_finished(slot.handler_row, Outcome::Cancelled, 1);
+            self.count(slot.handler_row, Outcome::Cancelled, 1);
+            slot.span.cancelled(why);
+        }
+        stats.fold_gauges(&mut self.gauges);
+    }
+}
+
+impl<S> Drop for Session<S> {
+    fn drop(&mut self) {
+        // Gauges follow what the session still held when it ended, whatever the reason.
+        self.drop_jobs("the call ended");
+        let stats = &self.engine.stats;
+        stats.queue_time.fold(&mut self.queue_times);
+        stats.run_time.fold(&mut self.run_times);
+        Counters::sub(&stats.results_buffered, self.ready.len());
+        Counters::sub(&stats.calls_open, 1);
+    }
+}

@@ -296,7 +296,7 @@ async fn spans_join_the_callers_trace_and_show_outcomes() {
         assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
         assert_eq!(
             attr(span, "job.cancelled_by").as_deref(),
-            Some("the client went away")
+            Some("disconnect")
         );
     }
     server.stop().unwrap();

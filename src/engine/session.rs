@@ -183,7 +183,7 @@ where
         match end {
             End::Ok => {}
             End::Gone => {
-                self.stop_all("the client went away");
+                self.stop_all(reason.label());
                 let from = self.dropped_at.get().copied().unwrap_or(detected);
                 self.observe_cancel(held, reason, from);
             }

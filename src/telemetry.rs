@@ -322,17 +322,9 @@ impl Telemetry {
         };
         let meter = meters.meter("batchd");
         let runtime = tokio::runtime::Handle::try_current().ok();
-        let gauges: [Gauge; 5] = [
+        let gauges: [Gauge; 3] = [
             ("batchd.calls.open", "Calls whose session is alive.", |e| {
                 e.stats().calls_open
-            }),
-            (
-                "batchd.jobs.queued",
-                "Admitted jobs waiting for a worker slot.",
-                |e| e.stats().jobs_queued,
-            ),
-            ("batchd.jobs.running", "Jobs holding a worker slot.", |e| {
-                e.stats().jobs_running
             }),
             ("batchd.results.buffered", "Results not yet sent.", |e| {
                 e.stats().results_buffered
@@ -347,6 +339,31 @@ impl Telemetry {
                 .u64_observable_gauge(name)
                 .with_description(help)
                 .with_callback(move |o| o.observe(read(&engine), &[]))
+                .build();
+        }
+        let by_handler: [(&'static str, &'static str, bool); 2] = [
+            (
+                "batchd.jobs.queued",
+                "Admitted jobs waiting for a worker slot, by handler.",
+                false,
+            ),
+            (
+                "batchd.jobs.running",
+                "Jobs holding a worker slot, by handler.",
+                true,
+            ),
+        ];
+        for (name, help, running) in by_handler {
+            let e = engine.clone();
+            meter
+                .u64_observable_gauge(name)
+                .with_description(help)
+                .with_callback(move |o| {
+                    for (handler, queued, run) in metrics::handler_gauges(e.metrics()) {
+                        let v = if running { run } else { queued };
+                        o.observe(v, &[KeyValue::new("handler", handler.to_owned())]);
+                    }
+                })
                 .build();
         }
         meter
@@ -585,12 +602,26 @@ impl JobSpan {
         }
     }
 
-    /// Ends the span of a job stopped with its call; `why` names the canceller.
-    pub(crate) fn cancelled(self, why: &str) {
-        if let Some(span) = self.0 {
-            span.record("job.outcome", "cancelled");
-            span.record("job.cancelled_by", why);
-        }
+    /// Ends the span of a job stopped with its call (`why`: the call's end reason), admitted at
+    /// `admitted` and started at `started` if it ran.
+    pub(crate) fn cancelled(
+        self,
+        why: &str,
+        admitted: std::time::Instant,
+        started: Option<std::time::Instant>,
+    ) {
+        let Some(span) = self.0 else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let start = started.unwrap_or(now);
+        span.record("job.outcome", "cancelled");
+        span.record("job.cancelled_by", why);
+        span.record("job.error", format!("stopped with its call ({why})"));
+        let queued = start.saturating_duration_since(admitted);
+        span.record("job.queued_seconds", queued.as_secs_f64());
+        let ran = now.saturating_duration_since(start);
+        span.record("job.run_seconds", ran.as_secs_f64());
     }
 }
 

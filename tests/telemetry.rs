@@ -669,6 +669,9 @@ async fn a_call_past_its_deadline_ends_its_session_span_deadline() {
     assert_eq!(attr(span, "job.id").as_deref(), Some("s"));
     assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
     assert_eq!(attr(span, "job.cancelled_by").as_deref(), Some("deadline"));
+    assert!(attr(span, "job.error").unwrap().contains("deadline"));
+    let ran: f64 = attr(span, "job.run_seconds").unwrap().parse().unwrap();
+    assert!(ran > 0.0, "it ran until the deadline: {ran}");
     wait_until("the call is over", Duration::from_secs(5), || {
         server.is_idle()
     })

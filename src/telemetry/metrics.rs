@@ -441,6 +441,14 @@ pub(crate) fn handler_rows(
     })
 }
 
+/// Every handler's queued and running jobs (the unknown-handler row never holds one).
+pub(crate) fn handler_gauges(m: &EngineMetrics) -> impl Iterator<Item = (&str, u64, u64)> + '_ {
+    m.handlers.iter().zip(m.gauges.iter()).map(|(name, g)| {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (name.as_str(), load(&g.queued), load(&g.running))
+    })
+}
+
 /// Calls ended by reason, then calls refused as `refused:<reason>`.
 pub(crate) fn call_counts(m: &EngineMetrics) -> Vec<(String, u64)> {
     let ended = EndReason::ALL
@@ -529,9 +537,8 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
     ];
     for (name, help, running) in by_handler {
         head(&mut out, name, "gauge", help);
-        // The last row (unknown handlers) never holds a job.
-        for (handler, g) in m.handlers.iter().zip(m.gauges.iter()) {
-            let v = load(if running { &g.running } else { &g.queued });
+        for (handler, queued, run) in handler_gauges(m) {
+            let v = if running { run } else { queued };
             let _ = writeln!(out, "{name}{{handler=\"{handler}\"}} {v}");
         }
     }

@@ -160,10 +160,7 @@ where
     }
 
     /// Why the job cannot be admitted, or its handler's metrics row, the handler and the timeout.
-    fn check(
-        &self,
-        job: &JobRequest,
-    ) -> Result<(usize, Arc<dyn Handler>, Duration), String> {
+    fn check(&self, job: &JobRequest) -> Result<(usize, Arc<dyn Handler>, Duration), String> {
         let limits = &self.engine.limits;
         if job.id.is_empty() {
             return Err("job id is empty".into());

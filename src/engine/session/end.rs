@@ -114,7 +114,7 @@ impl<S> Session<S> {
             }
             stats.add_finished(slot.handler_row, Outcome::Cancelled, 1);
             self.count(slot.handler_row, Outcome::Cancelled, 1);
-            slot.span.cancelled(why);
+            slot.span.cancelled(why, slot.admitted, slot.running);
         }
         stats.fold_gauges(&mut self.gauges);
     }

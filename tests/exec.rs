@@ -19,7 +19,7 @@ use batchd::handlers::exec::{self, Reaper, MAX_KILL_GRACE};
 use batchd::proto::{self, Outcome};
 use batchd::Registry;
 use support::daemon::{write_config, Daemon};
-use support::{batch, by_id, cancel, job, outcome, wait_until, OpenCall, TestServer};
+use support::{batch, cancel, job, outcome, run_batch_on, wait_until, OpenCall, TestServer};
 
 /// Generous deadline for anything that should happen "at once".
 const LIVENESS: Duration = Duration::from_secs(10);
@@ -169,29 +169,24 @@ fn start(specs: Vec<ExecSpec>, edit: impl FnOnce(&mut Config)) -> (TestServer, R
     (server, reaper)
 }
 
-/// Runs `jobs` in one call to its end; returns the results by id.
+/// [`run_batch_on`] on a client for messages of up to 256 MiB; the call ends within 3 × LIVENESS.
 async fn run(
     server: &TestServer,
     jobs: Vec<proto::Job>,
 ) -> std::collections::HashMap<String, proto::JobResult> {
-    let mut client = server
-        .client()
-        .await
-        .max_decoding_message_size(256 * MIB)
-        .max_encoding_message_size(256 * MIB);
-    let mut call = OpenCall::open(&mut client).await;
-    call.send(batch("b", jobs)).await;
-    call.half_close();
-    let (results, status) = tokio::time::timeout(LIVENESS * 3, call.finish())
-        .await
-        .expect("the call ends");
-    status.unwrap();
-    by_id(results)
+    let mut client = server.client_with_limit(256 * MIB).await;
+    run_batch_on(&mut client, jobs, LIVENESS * 3).await
 }
 
 fn with_timeout(mut j: proto::Job, t: Duration) -> proto::Job {
     j.timeout = Some(prost_types::Duration::try_from(t).unwrap());
     j
+}
+
+/// The batchd binary serving with `config`, written to `dir`, as its config file.
+async fn serving_with_config(dir: &tempfile::TempDir, config: &str) -> Daemon {
+    let path = write_config(dir, config);
+    Daemon::serving(&["--config", path.to_str().unwrap()]).await
 }
 
 /// Waits until the reaper has nothing left to do.
@@ -231,17 +226,13 @@ async fn cancel_jobs_kills_the_tree() {
     let mark = unique_mark("cancel");
     let s = spec("tree", &["sh", "-c", "sleep 60 & sleep 60 & wait"], &mark);
     let (server, reaper) = start(vec![s], |_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch("b", vec![job("t", "tree", b"", &[])]))
         .await;
     let tree = wait_for_tree(&mark, 3).await;
 
     call.send(cancel("b", &["t"])).await;
-    let r = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = call.results(1, LIVENESS).await;
     assert_eq!(outcome(&r[0]), Outcome::Cancelled, "{r:?}");
     wait_tree_gone(&tree, "the tree is gone after CancelJobs").await;
     wait_reaper_idle(&reaper).await;
@@ -258,15 +249,11 @@ async fn timeouts_kill_the_tree() {
     let (server, reaper) = start(vec![job_timeout, own_timeout], |_| {});
 
     // The job's own timeout: TIMED_OUT.
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     let j = with_timeout(job("t", "tree", b"", &[]), Duration::from_secs(1));
     call.send(batch("b", vec![j])).await;
     let tree = wait_for_tree(&mark, 3).await;
-    let r = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = call.results(1, LIVENESS).await;
     assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
     wait_tree_gone(&tree, "the tree is gone after the job timed out").await;
 
@@ -274,20 +261,14 @@ async fn timeouts_kill_the_tree() {
     call.send(batch("b2", vec![job("s", "slow", b"", &[])]))
         .await;
     let tree = wait_for_tree(&mark2, 3).await;
-    let r = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = call.results(1, LIVENESS).await;
     assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
     assert!(r[0].error.contains("timed out after 1s"), "{}", r[0].error);
     wait_tree_gone(&tree, "the tree is gone after the handler's timeout").await;
     let j = with_timeout(job("s2", "slow", b"", &[]), Duration::from_secs(3600));
     call.send(batch("b3", vec![j])).await;
     let tree = wait_for_tree(&mark2, 3).await;
-    let r = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = call.results(1, LIVENESS).await;
     assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
     assert!(
         r[0].error.contains("timed out after 1s"),
@@ -309,18 +290,14 @@ async fn a_command_that_ignores_sigterm_is_sigkilled_after_kill_grace() {
     );
     s.kill_grace = grace;
     let (server, reaper) = start(vec![s], |_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch("b", vec![job("t", "stubborn", b"", &[])]))
         .await;
     let tree = wait_for_tree(&mark, 2).await;
 
     let cancelled_at = Instant::now();
     call.send(cancel("b", &["t"])).await;
-    let r = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = call.results(1, LIVENESS).await;
     assert_eq!(outcome(&r[0]), Outcome::Cancelled, "{r:?}");
     // SIGTERM was sent when the job ended; it is ignored, and SIGKILL waits for the grace.
     assert!(
@@ -600,8 +577,7 @@ async fn concurrency_caps_the_handler_and_waiting_stays_cancellable() {
     let mut slow = spec("slow", &["sleep", "60"], &mark);
     slow.concurrency = Some(1);
     let (server, reaper) = start(vec![slow], |_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch(
         "b",
         vec![job("a", "slow", b"", &[]), job("w", "slow", b"", &[])],
@@ -613,10 +589,7 @@ async fn concurrency_caps_the_handler_and_waiting_stays_cancellable() {
     })
     .await;
     call.send(cancel("b", &["w"])).await;
-    let r = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = call.results(1, LIVENESS).await;
     assert_eq!(
         (r[0].job_id.as_str(), outcome(&r[0])),
         ("w", Outcome::Cancelled)
@@ -627,10 +600,7 @@ async fn concurrency_caps_the_handler_and_waiting_stays_cancellable() {
         "the waiting job never started a process"
     );
     call.send(cancel("b", &["a"])).await;
-    let r = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = call.results(1, LIVENESS).await;
     assert_eq!(outcome(&r[0]), Outcome::Cancelled);
     wait_tree_gone(&tree, "the running job's process is gone").await;
     wait_reaper_idle(&reaper).await;
@@ -714,10 +684,8 @@ async fn kill_9_of_the_daemon_leaves_no_child_behind() {
     let config = format!(
         "[[exec]]\nname = \"sleeper\"\ncommand = [\"sleep\", \"60\"]\nenv = {{ {MARK} = \"{mark}\" }}\n"
     );
-    let path = write_config(&dir, &config);
-    let mut daemon = Daemon::serving(&["--config", path.to_str().unwrap()]).await;
-    let mut client = daemon.client().await;
-    let call = OpenCall::open(&mut client).await;
+    let mut daemon = serving_with_config(&dir, &config).await;
+    let call = OpenCall::open_at(daemon.url.clone()).await;
     call.send(batch("b", vec![job("s", "sleeper", b"", &[])]))
         .await;
     let tree = wait_for_tree(&mark, 1).await;
@@ -743,10 +711,8 @@ async fn sigterm_shutdown_kills_whole_trees_before_the_daemon_exits() {
          command = [\"sh\", \"-c\", \"trap '' TERM; sleep 60 & wait; wait\"]\n\
          kill_grace = \"300ms\"\nenv = {{ {MARK} = \"{mark}\" }}\n"
     );
-    let path = write_config(&dir, &config);
-    let mut daemon = Daemon::serving(&["--config", path.to_str().unwrap()]).await;
-    let mut client = daemon.client().await;
-    let call = OpenCall::open(&mut client).await;
+    let mut daemon = serving_with_config(&dir, &config).await;
+    let call = OpenCall::open_at(daemon.url.clone()).await;
     call.send(batch("b", vec![job("s", "stubborn", b"", &[])]))
         .await;
     let tree = wait_for_tree(&mark, 2).await;

@@ -9,11 +9,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use batchd::config::ByteSize;
-use batchd::proto::batch_service_client::BatchServiceClient;
 use batchd::proto::{self, Outcome};
 use prost::Message;
 use support::*;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Upper limit of every polled wait; only reached when something is wrong.
@@ -39,23 +37,8 @@ fn echo_job(id: &str, payload: &[u8]) -> proto::Job {
     job(id, "echo", payload, &[])
 }
 
-/// Awaits `fut`, failing the test instead of hanging if a broken server never completes it.
-async fn guard<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("gave up after {WAIT:?} waiting until {what}"))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Opens a Process call, returning the status when the server refuses it.
-async fn try_open(client: &mut BatchServiceClient<Channel>) -> Result<OpenCall, tonic::Status> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let rx = client.process(request).await?.into_inner();
-    Ok(OpenCall { tx: Some(tx), rx })
 }
 
 /// Reads messages until every id in `ids` has a result; returns every result read, in order.
@@ -63,9 +46,9 @@ async fn read_until_ids(call: &mut OpenCall, ids: &[&str]) -> Vec<proto::JobResu
     let mut missing: HashSet<&str> = ids.iter().copied().collect();
     let mut out = Vec::new();
     while !missing.is_empty() {
-        let msg = guard("results arrive", call.rx.message())
+        let msg = call
+            .next_message(WAIT)
             .await
-            .unwrap()
             .unwrap_or_else(|| panic!("stream ended while waiting for {missing:?}"));
         for r in msg.results {
             missing.remove(r.job_id.as_str());
@@ -106,17 +89,6 @@ async fn all_idle(server: &TestServer) {
         || server.is_idle(),
     )
     .await;
-}
-
-/// Runs `jobs` through a fresh Process call with half-close and returns its results by id.
-async fn run_call(server: &TestServer, jobs: Vec<proto::Job>) -> HashMap<String, proto::JobResult> {
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
-    call.send(batch("b", jobs)).await;
-    call.half_close();
-    let (results, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
-    by_id(results)
 }
 
 // === exactly-once and coalescing ===
@@ -161,7 +133,7 @@ async fn exactly_once_results_under_concurrency() {
                 }
                 // Dropping `tx` half-closes the call.
             });
-            let (results, status) = guard("the call ends", call.finish()).await;
+            let (results, status) = within(WAIT, "the call ends", call.finish()).await;
             sender.await.unwrap();
             (c, results, status)
         }));
@@ -195,8 +167,7 @@ async fn exactly_once_results_under_concurrency() {
 async fn instant_results_are_coalesced() {
     const JOBS: usize = 2_000;
     let server = TestServer::start(|_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     let jobs = (0..JOBS)
         .map(|i| echo_job(&format!("j{i}"), format!("{i}").as_bytes()))
         .collect();
@@ -205,10 +176,7 @@ async fn instant_results_are_coalesced() {
 
     let mut messages = 0;
     let mut results = Vec::new();
-    while let Some(msg) = guard("a message or the end", call.rx.message())
-        .await
-        .unwrap()
-    {
+    while let Some(msg) = call.next_message(WAIT).await {
         messages += 1;
         assert!(!msg.results.is_empty(), "a response carries no result");
         results.extend(msg.results);
@@ -231,11 +199,7 @@ async fn coalesced_messages_stay_under_4_mib() {
         c.max_payload = ByteSize::mib(8);
         c.max_output = ByteSize::mib(8);
     });
-    let mut client = server
-        .client()
-        .await
-        .max_decoding_message_size(64 * MIB)
-        .max_encoding_message_size(64 * MIB);
+    let mut client = server.client_with_limit(64 * MIB).await;
     let mut call = OpenCall::open(&mut client).await;
     // Eight 1.5 MiB results (two fit in a message, three do not) and one 5 MiB result.
     let mut jobs: Vec<_> = (0..8u8)
@@ -256,10 +220,7 @@ async fn coalesced_messages_stay_under_4_mib() {
 
     let mut results = Vec::new();
     let mut coalesced = 0;
-    while let Some(msg) = guard("a message or the end", call.rx.message())
-        .await
-        .unwrap()
-    {
+    while let Some(msg) = call.next_message(WAIT).await {
         let size = msg.encoded_len();
         assert!(
             size <= LIMIT || msg.results.len() == 1,
@@ -290,8 +251,7 @@ async fn coalesced_messages_stay_under_4_mib() {
 async fn half_close_finishes_every_accepted_job_then_ok() {
     // A small window, so part of the batch is still unread when the client half-closes.
     let server = TestServer::start(|c| c.session_window = 4);
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     let mut jobs: Vec<_> = (0..20).map(|i| sleep_job(&format!("s{i}"), 20)).collect();
     jobs.extend((0..5).map(|i| echo_job(&format!("e{i}"), b"x")));
     jobs.push(job("bad", "nope", b"", &[]));
@@ -299,9 +259,8 @@ async fn half_close_finishes_every_accepted_job_then_ok() {
     call.send(batch("b2", vec![sleep_job("late", 50)])).await;
     call.half_close();
 
-    let (results, status) = guard("the call ends", call.finish()).await;
-    status.expect("a half-closed call ends with OK once every result is sent");
-    let results = by_id(results);
+    // A half-closed call ends with OK once every result is sent.
+    let results = by_id(call.finish_ok(WAIT).await);
     assert_eq!(results.len(), 27);
     for (id, r) in &results {
         if id == "bad" {
@@ -318,11 +277,9 @@ async fn half_close_finishes_every_accepted_job_then_ok() {
 #[tokio::test]
 async fn half_close_with_nothing_sent_ends_ok() {
     let server = TestServer::start(|_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.half_close();
-    let (results, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
+    let results = call.finish_ok(WAIT).await;
     assert!(results.is_empty());
     all_idle(&server).await;
 }
@@ -332,8 +289,7 @@ async fn half_close_with_nothing_sent_ends_ok() {
 #[tokio::test]
 async fn every_rejected_case_leaves_valid_jobs_ok() {
     let server = TestServer::start(|c| c.max_payload = ByteSize(1024));
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     let jobs = vec![
         echo_job("ok1", b"one"),
         echo_job("", b"no id"),
@@ -416,7 +372,7 @@ async fn every_rejected_case_leaves_valid_jobs_ok() {
         vec![echo_job("dup", b"again"), echo_job("long", b"")],
     ))
     .await;
-    let second = by_id(guard("results arrive", call.collect(2)).await.unwrap());
+    let second = by_id(call.results(2, WAIT).await);
     assert_eq!(outcome(&second["dup"]), Outcome::Ok, "{:?}", second["dup"]);
     assert_eq!(&second["dup"].output[..], b"again");
     assert_eq!(second["dup"].batch_id, "b2");
@@ -425,9 +381,7 @@ async fn every_rejected_case_leaves_valid_jobs_ok() {
 
     call.send(cancel("b1", &["long"])).await;
     call.half_close();
-    let (rest, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
-    let rest = by_id(rest);
+    let rest = by_id(call.finish_ok(WAIT).await);
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert_eq!(outcome(&rest["long"]), Outcome::Cancelled);
     assert_eq!(rest["long"].batch_id, "b1");
@@ -441,18 +395,11 @@ async fn a_huge_bad_field_does_not_kill_the_call() {
         .client()
         .await
         .max_decoding_message_size(64 * 1024 * 1024);
-    let mut call = OpenCall::open(&mut client).await;
     // 3.5 MB on the wire, well under max_message_size (16 MiB); `{:?}` writes each char as `\u{1}`.
     let name = "\u{1}".repeat(3_500_000);
-    call.send(batch(
-        "b",
-        vec![echo_job("ok", b"fine"), job("bad", &name, b"", &[])],
-    ))
-    .await;
-    call.half_close();
-    let (results, status) = guard("the call ends", call.finish()).await;
-    status.expect("a bad job must not kill the call");
-    let results = by_id(results);
+    // A bad job must not kill the call.
+    let jobs = vec![echo_job("ok", b"fine"), job("bad", &name, b"", &[])];
+    let results = run_batch_on(&mut client, jobs, WAIT).await;
     assert_eq!(outcome(&results["ok"]), Outcome::Ok);
     assert_rejected(&results["bad"], "unknown handler");
 }
@@ -462,12 +409,13 @@ async fn a_huge_bad_field_does_not_kill_the_call() {
 #[tokio::test]
 async fn per_job_timeout_ends_timed_out() {
     let server = TestServer::start(|_| {});
-    let results = run_call(
+    let results = run_batch(
         &server,
         vec![
             with_timeout(sleep_job("slow", 10_000), 0, 50_000_000),
             with_timeout(sleep_job("fast", 1), 10, 0),
         ],
+        WAIT,
     )
     .await;
     let slow = &results["slow"];
@@ -485,13 +433,14 @@ async fn job_timeout_is_capped_and_defaulted() {
         c.default_job_timeout = Duration::from_millis(50);
         c.max_job_timeout = Duration::from_millis(100);
     });
-    let results = run_call(
+    let results = run_batch(
         &server,
         vec![
             with_timeout(sleep_job("capped", 60_000), 3600, 0),
             sleep_job("default", 60_000),
             with_timeout(sleep_job("under-cap", 1), 0, 90_000_000),
         ],
+        WAIT,
     )
     .await;
     let capped = &results["capped"];
@@ -515,8 +464,7 @@ async fn job_timeout_is_capped_and_defaulted() {
 #[tokio::test]
 async fn cancel_running_jobs_by_id() {
     let server = TestServer::start(|_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch(
         "a",
         vec![
@@ -530,7 +478,7 @@ async fn cancel_running_jobs_by_id() {
     wait_until("four jobs run", WAIT, || server.stats().jobs_running == 4).await;
 
     call.send(cancel("a", &["a1", "a2"])).await;
-    let results = by_id(guard("results arrive", call.collect(2)).await.unwrap());
+    let results = by_id(call.results(2, WAIT).await);
     assert_eq!(results.len(), 2, "{results:?}");
     for id in ["a1", "a2"] {
         let r = &results[id];
@@ -545,7 +493,7 @@ async fn cancel_running_jobs_by_id() {
     // A job id named with the wrong batch is not cancelled.
     call.send(cancel("a", &["b1"])).await;
     call.send(cancel("a", &["a3"])).await;
-    let results = guard("results arrive", call.collect(1)).await.unwrap();
+    let results = call.results(1, WAIT).await;
     assert_eq!(results.len(), 1, "{results:?}");
     assert_eq!(results[0].job_id, "a3");
     assert_eq!(outcome(&results[0]), Outcome::Cancelled);
@@ -553,8 +501,7 @@ async fn cancel_running_jobs_by_id() {
 
     call.send(cancel("b", &["b1"])).await;
     call.half_close();
-    let (rest, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
+    let rest = call.finish_ok(WAIT).await;
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].job_id, "b1");
     assert_eq!(outcome(&rest[0]), Outcome::Cancelled);
@@ -564,8 +511,7 @@ async fn cancel_running_jobs_by_id() {
 #[tokio::test]
 async fn cancel_whole_batch_leaves_other_batches_alone() {
     let server = TestServer::start(|_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch(
         "a",
         vec![
@@ -592,8 +538,7 @@ async fn cancel_whole_batch_leaves_other_batches_alone() {
     }
 
     call.half_close();
-    let (rest, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
+    let rest = call.finish_ok(WAIT).await;
     let all = by_id(results.into_iter().chain(rest).collect());
     assert_eq!(all.len(), 5);
     for id in ["y1", "y2"] {
@@ -611,8 +556,7 @@ async fn cancel_whole_batch_leaves_other_batches_alone() {
 #[tokio::test]
 async fn cancel_queued_jobs_never_runs_them() {
     let server = TestServer::start(|c| c.workers = 1);
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch(
         "q",
         vec![
@@ -630,7 +574,7 @@ async fn cancel_queued_jobs_never_runs_them() {
     .await;
 
     call.send(cancel("q", &["q1", "q2", "q3"])).await;
-    let results = by_id(guard("results arrive", call.collect(3)).await.unwrap());
+    let results = by_id(call.results(3, WAIT).await);
     assert_eq!(results.len(), 3, "{results:?}");
     for id in ["q1", "q2", "q3"] {
         let r = &results[id];
@@ -661,12 +605,11 @@ async fn cancel_queued_jobs_never_runs_them() {
     assert_eq!(r["q2"].batch_id, "again");
     call.send(batch("after", vec![echo_job("next", b"n")]))
         .await;
-    let r = guard("results arrive", call.collect(1)).await.unwrap();
+    let r = call.results(1, WAIT).await;
     assert_eq!(r[0].job_id, "next");
     assert_eq!(outcome(&r[0]), Outcome::Ok);
     call.half_close();
-    let (rest, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
+    let rest = call.finish_ok(WAIT).await;
     assert!(rest.is_empty(), "{rest:?}");
     all_idle(&server).await;
     assert_eq!(server.stats().free_workers, 1);
@@ -675,10 +618,9 @@ async fn cancel_queued_jobs_never_runs_them() {
 #[tokio::test]
 async fn cancelling_unknown_or_finished_jobs_is_harmless() {
     let server = TestServer::start(|_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch("b", vec![echo_job("done", b"d")])).await;
-    let r = guard("results arrive", call.collect(1)).await.unwrap();
+    let r = call.results(1, WAIT).await;
     assert_eq!(outcome(&r[0]), Outcome::Ok);
 
     call.send(cancel("b", &["done", "ghost"])).await;
@@ -687,9 +629,7 @@ async fn cancelling_unknown_or_finished_jobs_is_harmless() {
     call.send(cancel("b", &[])).await;
     call.send(batch("b", vec![echo_job("after", b"a")])).await;
     call.half_close();
-    let (rest, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
-    let rest = by_id(rest);
+    let rest = by_id(call.finish_ok(WAIT).await);
     assert_eq!(rest.len(), 1, "only the new job has a result: {rest:?}");
     assert_eq!(outcome(&rest["after"]), Outcome::Ok);
     assert_eq!(
@@ -706,8 +646,7 @@ async fn queued_and_ran_are_set_for_every_admitted_job() {
         c.workers = 1;
         c.max_output = ByteSize(1024);
     });
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch(
         "b",
         vec![
@@ -728,8 +667,7 @@ async fn queued_and_ran_are_set_for_every_admitted_job() {
     .await;
     call.send(cancel("b", &["running", "queued"])).await;
     call.half_close();
-    let (rest, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
+    let rest = call.finish_ok(WAIT).await;
     results.extend(rest);
     let results = by_id(results);
     assert_eq!(results.len(), 6);
@@ -768,9 +706,8 @@ async fn call_deadline_stops_every_job() {
             .collect(),
     ))
     .await;
-    let (results, status) = guard("the call ends", call.finish()).await;
-    let status = status.expect_err("the call should end at its deadline");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The call should end at its deadline.
+    let (results, _) = call.finish_err(Code::DeadlineExceeded, WAIT).await;
     assert!(
         results.is_empty(),
         "no job finished before the deadline: {results:?}"
@@ -783,7 +720,7 @@ async fn call_deadline_stops_every_job() {
     .await;
 
     // The daemon goes on serving.
-    let results = run_call(&server, vec![echo_job("after", b"a")]).await;
+    let results = run_batch(&server, vec![echo_job("after", b"a")], WAIT).await;
     assert_eq!(outcome(&results["after"]), Outcome::Ok);
 }
 
@@ -802,54 +739,43 @@ async fn over_size_message_is_resource_exhausted_and_others_go_on() {
     let mut call = OpenCall::open(&mut client).await;
     call.send(batch("big", vec![echo_job("huge", &[0; 100 * 1024])]))
         .await;
-    let (results, status) = guard("the call ends", call.finish()).await;
-    let status = status.expect_err("an over-size message ends the call");
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // An over-size message ends the call.
+    let (results, _) = call.finish_err(Code::ResourceExhausted, WAIT).await;
     assert!(results.is_empty());
 
     // The other call on the same connection carries on, and new calls are served.
     bystander.half_close();
-    let (results, status) = guard("the call ends", bystander.finish()).await;
-    status.unwrap();
+    let results = bystander.finish_ok(WAIT).await;
     assert_eq!(results.len(), 1);
     assert_eq!(outcome(&results[0]), Outcome::Ok);
-    let mut call = OpenCall::open(&mut client).await;
-    call.send(batch("ok", vec![echo_job("small", &[1; 1024])]))
-        .await;
-    call.half_close();
-    let (results, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
-    assert_eq!(outcome(&results[0]), Outcome::Ok);
+    let results = run_batch_on(&mut client, vec![echo_job("small", &[1; 1024])], WAIT).await;
+    assert_eq!(outcome(&results["small"]), Outcome::Ok);
     all_idle(&server).await;
 }
 
 #[tokio::test]
 async fn request_without_kind_is_invalid_argument() {
     let server = TestServer::start(|_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(proto::ProcessRequest { kind: None }).await;
-    let (_, status) = guard("the call ends", call.finish()).await;
-    let status = status.expect_err("a request without kind ends the call");
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // A request without kind ends the call.
+    call.finish_err(Code::InvalidArgument, WAIT).await;
     all_idle(&server).await;
 }
 
 #[tokio::test]
 async fn batch_over_max_jobs_per_batch_is_invalid_argument() {
     let server = TestServer::start(|c| c.max_jobs_per_batch = 10);
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     let jobs = |n: usize| (0..n).map(|i| echo_job(&format!("j{i}"), b"")).collect();
     call.send(batch("full", jobs(10))).await;
-    let results = by_id(guard("results arrive", call.collect(10)).await.unwrap());
+    let results = by_id(call.results(10, WAIT).await);
     assert_eq!(results.len(), 10, "a batch at the limit is accepted");
     assert!(results.values().all(|r| outcome(r) == Outcome::Ok));
 
     call.send(batch("over", jobs(11))).await;
-    let (results, status) = guard("the call ends", call.finish()).await;
-    let status = status.expect_err("a batch over the limit ends the call");
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // A batch over the limit ends the call.
+    let (results, status) = call.finish_err(Code::InvalidArgument, WAIT).await;
     assert!(
         status.message().contains("max_jobs_per_batch"),
         "{status:?}"
@@ -868,7 +794,7 @@ async fn max_calls_refuses_extra_calls_until_one_closes() {
         .send(batch("b", vec![sleep_job("held", 60_000)]))
         .await;
 
-    let status = try_open(&mut client)
+    let status = OpenCall::try_open(&mut client)
         .await
         .err()
         .expect("a third concurrent call is refused");
@@ -884,13 +810,12 @@ async fn max_calls_refuses_extra_calls_until_one_closes() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     first.half_close();
-    let (_, status) = guard("the call ends", first.finish()).await;
-    status.unwrap();
+    first.finish_ok(WAIT).await;
     wait_until("one call is left", WAIT, || server.stats().calls_open == 1).await;
     // The slot comes back as the first call's state is dropped: poll until a call is accepted.
     let start = Instant::now();
     let mut third = loop {
-        match try_open(&mut client).await {
+        match OpenCall::try_open(&mut client).await {
             Ok(call) => break call,
             Err(s) if s.code() == Code::ResourceExhausted && start.elapsed() < WAIT => {}
             Err(s) => panic!("no call accepted after one closed: {s:?}"),
@@ -898,14 +823,12 @@ async fn max_calls_refuses_extra_calls_until_one_closes() {
     };
     third.send(batch("c", vec![echo_job("new", b"n")])).await;
     third.half_close();
-    let (results, status) = guard("the call ends", third.finish()).await;
-    status.unwrap();
+    let results = third.finish_ok(WAIT).await;
     assert_eq!(outcome(&results[0]), Outcome::Ok);
 
     second.send(cancel("b", &[])).await;
     second.half_close();
-    let (results, status) = guard("the call ends", second.finish()).await;
-    status.unwrap();
+    let results = second.finish_ok(WAIT).await;
     assert_eq!(outcome(&results[0]), Outcome::Cancelled);
 }
 
@@ -930,7 +853,7 @@ async fn run_batch_streams_the_batch_results_then_ok() {
         .unwrap()
         .into_inner();
     let mut results = Vec::new();
-    while let Some(msg) = guard("a message or the end", stream.message())
+    while let Some(msg) = within(WAIT, "a message or the end", stream.message())
         .await
         .unwrap()
     {
@@ -983,13 +906,14 @@ async fn list_handlers_and_sha256_digest() {
 
     // Small payloads are hashed inline, large ones on the CPU pool: both give the raw digest.
     let large: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let results = run_call(
+    let results = run_batch(
         &server,
         vec![
             job("abc", "sha256", b"abc", &[]),
             job("empty", "sha256", b"", &[]),
             job("large", "sha256", &large, &[]),
         ],
+        WAIT,
     )
     .await;
     for r in results.values() {
@@ -1009,8 +933,7 @@ async fn list_handlers_and_sha256_digest() {
 async fn spin_runs_off_the_async_runtime_and_is_cancellable() {
     // More spins than CPU workers (and than the server runtime's two threads).
     let server = TestServer::start(|c| c.cpu_workers = 2);
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
+    let mut call = server.open_call().await;
     call.send(batch(
         "s",
         (0..3)
@@ -1021,14 +944,12 @@ async fn spin_runs_off_the_async_runtime_and_is_cancellable() {
     wait_until("three spins run", WAIT, || server.stats().jobs_running == 3).await;
 
     // The async runtime still serves other calls while the spins burn CPU.
-    let results = run_call(&server, vec![echo_job("meanwhile", b"m")]).await;
+    let results = run_batch(&server, vec![echo_job("meanwhile", b"m")], WAIT).await;
     assert_eq!(outcome(&results["meanwhile"]), Outcome::Ok);
 
     call.send(cancel("s", &[])).await;
     call.half_close();
-    let (results, status) = guard("the call ends", call.finish()).await;
-    status.unwrap();
-    let results = by_id(results);
+    let results = by_id(call.finish_ok(WAIT).await);
     assert_eq!(results.len(), 3);
     for r in results.values() {
         assert_eq!(outcome(r), Outcome::Cancelled, "{r:?}");
@@ -1045,11 +966,7 @@ async fn health_reports_serving() {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
     let server = TestServer::start(|_| {});
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut health = HealthClient::new(channel);
     for service in ["", "batchd.v1.BatchService"] {
         let status = health
@@ -1079,11 +996,7 @@ async fn reflection_lists_and_describes_the_service() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let server = TestServer::start(|_| {});
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut reflection = ServerReflectionClient::new(channel);
     let requests = [
         MessageRequest::ListServices(String::new()),

@@ -4,6 +4,7 @@
 pub mod daemon;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -88,6 +89,28 @@ impl TestServer {
         BatchServiceClient::connect(self.url()).await.unwrap()
     }
 
+    /// A new client on a new connection that sends and receives messages of up to `max` bytes.
+    pub async fn client_with_limit(&self, max: usize) -> BatchServiceClient<Channel> {
+        self.client()
+            .await
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    /// Opens a Process call on a new connection of its own ([`OpenCall::open_at`]).
+    pub async fn open_call(&self) -> OpenCall {
+        OpenCall::open_at(self.url()).await
+    }
+
+    /// A plain channel on a new connection, for the other gRPC services (health, reflection).
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     pub fn stats(&self) -> Stats {
         self.engine.stats()
     }
@@ -148,6 +171,13 @@ impl Drop for TestServer {
     }
 }
 
+/// Awaits `fut`, panicking with `what` if it has not completed after `limit`.
+pub async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("gave up after {limit:?} waiting until {what}"))
+}
+
 /// Polls `cond` every 2 ms until it holds, or panics with `what` after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -195,11 +225,21 @@ pub fn cancel(batch_id: &str, job_ids: &[&str]) -> proto::ProcessRequest {
 pub struct OpenCall {
     pub tx: Option<mpsc::Sender<proto::ProcessRequest>>,
     pub rx: tonic::Streaming<proto::ProcessResponse>,
+    /// The client of a call from [`OpenCall::open_at`], kept so that its connection stays up.
+    connection: Option<BatchServiceClient<Channel>>,
 }
 
 impl OpenCall {
     pub async fn open(client: &mut BatchServiceClient<Channel>) -> Self {
         Self::open_request(client, |_| {}).await
+    }
+
+    /// Opens a call on a new connection to `url`, which lives as long as the call.
+    pub async fn open_at(url: String) -> Self {
+        let mut client = BatchServiceClient::connect(url).await.unwrap();
+        let mut call = Self::open(&mut client).await;
+        call.connection = Some(client);
+        call
     }
 
     /// Opens a call after `edit` changes the request (metadata, timeout).
@@ -209,11 +249,30 @@ impl OpenCall {
             &mut tonic::Request<tokio_stream::wrappers::ReceiverStream<proto::ProcessRequest>>,
         ),
     ) -> Self {
+        Self::try_open_request(client, edit).await.unwrap()
+    }
+
+    /// Opens a call, or returns the status the server refuses it with.
+    pub async fn try_open(client: &mut BatchServiceClient<Channel>) -> Result<Self, tonic::Status> {
+        Self::try_open_request(client, |_| {}).await
+    }
+
+    /// Like [`OpenCall::try_open`] after `edit` changes the request.
+    async fn try_open_request(
+        client: &mut BatchServiceClient<Channel>,
+        edit: impl FnOnce(
+            &mut tonic::Request<tokio_stream::wrappers::ReceiverStream<proto::ProcessRequest>>,
+        ),
+    ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         edit(&mut request);
-        let rx = client.process(request).await.unwrap().into_inner();
-        Self { tx: Some(tx), rx }
+        let rx = client.process(request).await?.into_inner();
+        Ok(Self {
+            tx: Some(tx),
+            rx,
+            connection: None,
+        })
     }
 
     pub async fn send(&self, req: proto::ProcessRequest) {
@@ -237,6 +296,19 @@ impl OpenCall {
         Ok(out)
     }
 
+    /// Like [`OpenCall::collect`] within `limit`; panics on a timeout or an error status.
+    pub async fn results(&mut self, n: usize, limit: Duration) -> Vec<proto::JobResult> {
+        let what = format!("{n} results arrive");
+        within(limit, &what, self.collect(n)).await.unwrap()
+    }
+
+    /// The next response within `limit`, or None once the call ended OK; panics on an error status.
+    pub async fn next_message(&mut self, limit: Duration) -> Option<proto::ProcessResponse> {
+        within(limit, "a message or the end", self.rx.message())
+            .await
+            .unwrap()
+    }
+
     /// Reads until the stream ends; returns every result and the final status.
     pub async fn finish(&mut self) -> (Vec<proto::JobResult>, Result<(), tonic::Status>) {
         let mut out = Vec::new();
@@ -248,6 +320,49 @@ impl OpenCall {
             }
         }
     }
+
+    /// [`OpenCall::finish`] within `limit`; panics unless the call ends OK. Returns every result.
+    pub async fn finish_ok(&mut self, limit: Duration) -> Vec<proto::JobResult> {
+        let (results, status) = within(limit, "the call ends", self.finish()).await;
+        if let Err(status) = status {
+            panic!("the call should end OK, but ended with {status:?}");
+        }
+        results
+    }
+
+    /// [`OpenCall::finish`] within `limit`; panics unless the call ends with `code`.
+    pub async fn finish_err(
+        &mut self,
+        code: tonic::Code,
+        limit: Duration,
+    ) -> (Vec<proto::JobResult>, tonic::Status) {
+        let (results, status) = within(limit, "the call ends", self.finish()).await;
+        match status {
+            Err(status) if status.code() == code => (results, status),
+            other => panic!("the call should end with {code:?}, but ended with {other:?}"),
+        }
+    }
+}
+
+/// Like [`run_batch_on`], on a new connection to `server`.
+pub async fn run_batch(
+    server: &TestServer,
+    jobs: Vec<proto::Job>,
+    limit: Duration,
+) -> HashMap<String, proto::JobResult> {
+    run_batch_on(&mut server.client().await, jobs, limit).await
+}
+
+/// Runs `jobs` as batch "b" in a new half-closed call on `client`; results by id once it ends OK.
+pub async fn run_batch_on(
+    client: &mut BatchServiceClient<Channel>,
+    jobs: Vec<proto::Job>,
+    limit: Duration,
+) -> HashMap<String, proto::JobResult> {
+    let mut call = OpenCall::open(client).await;
+    call.send(batch("b", jobs)).await;
+    call.half_close();
+    by_id(call.finish_ok(limit).await)
 }
 
 /// Results keyed by job id; panics on a duplicate.

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,17 +17,10 @@ use base64::Engine as _;
 use batchd::handlers::{Handler, HandlerError, JobContext, JobInput};
 use batchd::Registry;
 use bytes::Bytes;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
-use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode, Span};
+use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
 use serde_json::Value;
 use sha2::Digest as _;
-use support::daemon::Daemon;
+use support::otlp::{attr, hex, Collector};
 use support::{wait_until, TestServer};
 use tokio::sync::Semaphore;
 
@@ -935,124 +928,14 @@ async fn a_closed_stdout_is_not_a_panic() {
 
 // === traces ===
 
-/// A span and the `service.name` of the resource it came with.
-#[derive(Debug, Clone)]
-struct Exported {
-    service: String,
-    span: Span,
-}
-
-/// A real OTLP/gRPC trace receiver on 127.0.0.1, serving on the test's runtime.
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Exported>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut got = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
-            let service = value(&attrs, "service.name").unwrap_or_default();
-            for ss in rs.scope_spans {
-                got.extend(ss.spans.into_iter().map(|span| Exported {
-                    service: service.clone(),
-                    span,
-                }));
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-impl Collector {
-    /// Serves on a free port; returns the receiver and its URL.
-    async fn start() -> (Self, String) {
-        let collector = Self::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let service = TraceServiceServer::new(collector.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        (collector, url)
-    }
-
-    /// Every span received so far.
-    fn spans(&self) -> Vec<Exported> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// Waits until `cond` holds on the spans received; returns them.
-    async fn wait_for(&self, what: &str, cond: impl Fn(&[Exported]) -> bool) -> Vec<Exported> {
-        wait_until(what, LIVENESS, || cond(&self.spans())).await;
-        self.spans()
-    }
-
-    /// Waits for the one `batchctl.run` span received since the last call and takes it out.
-    async fn take_run_span(&self) -> Exported {
-        self.wait_for("a batchctl.run span arrives", |s| {
-            s.iter().any(|e| e.span.name == "batchctl.run")
-        })
-        .await;
-        let mut got = self.0.lock().unwrap();
-        let (runs, rest): (Vec<_>, Vec<_>) =
-            got.drain(..).partition(|e| e.span.name == "batchctl.run");
-        *got = rest;
-        assert_eq!(runs.len(), 1, "one span per run: {runs:?}");
-        runs.into_iter().next().unwrap()
-    }
-}
-
-/// An attribute's value as text.
-fn value(attrs: &[KeyValue], key: &str) -> Option<String> {
-    let kv = attrs.iter().find(|kv| kv.key == key)?;
-    Some(match kv.value.as_ref()?.value.as_ref()? {
-        any_value::Value::StringValue(s) => s.clone(),
-        any_value::Value::IntValue(i) => i.to_string(),
-        other => format!("{other:?}"),
-    })
-}
-
-fn attr(span: &Span, key: &str) -> Option<String> {
-    value(&span.attributes, key)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A real `batchd` exporting its spans to `otlp` at once (a short batch delay).
-async fn traced_daemon(otlp: &str) -> Daemon {
-    for _ in 0..3 {
-        let listen = format!("127.0.0.1:{}", dead_port());
-        let env = [
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
-            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
-            ("OTEL_SDK_DISABLED", "false"),
-            ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-        ];
-        let mut daemon = Daemon::spawn(&["--listen", &listen], &env);
-        daemon.url = format!("http://{listen}");
-        daemon.wait_for_log("serving").await;
-        if daemon.running() {
-            return daemon;
-        }
-        assert!(daemon.stderr().contains("binding"), "{}", daemon.stderr());
-    }
-    panic!("no free port for batchd after 3 tries");
-}
+/// Short enough that the daemon's spans reach the collector at once.
+const BATCH_DELAY: Duration = Duration::from_millis(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traced_run_exports_its_span_and_the_daemons_spans_are_its_children() {
-    let (collector, otlp) = Collector::start().await;
-    let daemon = traced_daemon(&otlp).await;
+    let collector = Collector::start().await;
+    let otlp = collector.url();
+    let daemon = collector.traced_daemon(BATCH_DELAY, &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let input = write_lines(
         dir.path(),
@@ -1089,7 +972,7 @@ async fn a_traced_run_exports_its_span_and_the_daemons_spans_are_its_children() 
         done.stderr
     );
 
-    let run = collector.take_run_span().await;
+    let run = collector.take_one("batchctl.run", LIVENESS).await;
     let span = &run.span;
     assert_eq!(run.service, "batchctl", "the default service name");
     assert_eq!(span.kind, SpanKind::Client as i32);
@@ -1127,7 +1010,7 @@ async fn a_traced_run_exports_its_span_and_the_daemons_spans_are_its_children() 
 
     // The daemon got the span's context as traceparent: its session span is the child.
     let spans = collector
-        .wait_for("the daemon's session span arrives", |s| {
+        .wait_for("the daemon's session span arrives", LIVENESS, |s| {
             s.iter()
                 .any(|e| e.span.name == "batchd.session" && hex(&e.span.trace_id) == trace)
         })
@@ -1145,7 +1028,8 @@ async fn a_traced_run_exports_its_span_and_the_daemons_spans_are_its_children() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_run_span_says_how_the_run_ended() {
-    let (collector, otlp) = Collector::start().await;
+    let collector = Collector::start().await;
+    let otlp = collector.url();
     let (server, gate) = gated_server();
     let dir = tempfile::tempdir().unwrap();
 
@@ -1168,7 +1052,7 @@ async fn the_run_span_says_how_the_run_ended() {
     ctl.signal("INT");
     let done = ctl.finish(LIVENESS).await;
     assert_eq!(done.code, Some(EXIT_INTERRUPTED), "{done:?}");
-    let run = collector.take_run_span().await;
+    let run = collector.take_one("batchctl.run", LIVENESS).await;
     assert_eq!(run.service, "ci-batchctl", "OTEL_SERVICE_NAME is honoured");
     assert!(run.span.parent_span_id.is_empty(), "a root span");
     assert_eq!(
@@ -1186,7 +1070,7 @@ async fn the_run_span_says_how_the_run_ended() {
     let done = Ctl::spawn_env(&args, None, &env).finish(LIVENESS).await;
     assert_eq!(done.code, Some(EXIT_UNREACHABLE), "{done:?}");
     assert_eq!(done.stderr.lines().count(), 1, "{}", done.stderr);
-    let run = collector.take_run_span().await;
+    let run = collector.take_one("batchctl.run", LIVENESS).await;
     assert_eq!(attr(&run.span, "batchctl.end").as_deref(), Some("error"));
     assert_eq!(attr(&run.span, "process.exit.code").as_deref(), Some("3"));
     let status = run.span.status.clone().unwrap_or_default();

@@ -1,13 +1,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The real `batchd` binary as a process: configuration errors and their exit code, serving on a
-//! real port, SIGTERM/SIGINT shutdown with its grace period, and JSON logs.
+//! real port, SIGTERM/SIGINT shutdown with its grace period (and the spans it flushes), and JSON
+//! logs.
 mod support;
 
 use std::time::Duration;
 
 use batchd::proto::Outcome;
 use support::daemon::Daemon;
-use support::{batch, by_id, job, outcome, OpenCall};
+use support::otlp::{attr, fresh_trace, hex, named, open_traced, Collector, CALLER_SPAN};
+use support::{batch, by_id, job, outcome, run_batch_on, wait_until, OpenCall};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -40,10 +42,7 @@ async fn call_with_a_sleeping_job(daemon: &Daemon) -> OpenCall {
         ],
     ))
     .await;
-    let first = tokio::time::timeout(LIVENESS, call.collect(1))
-        .await
-        .expect("the echo result arrives")
-        .unwrap();
+    let first = call.results(1, LIVENESS).await;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].job_id, "echo");
     call
@@ -110,15 +109,10 @@ async fn serves_jobs_then_exits_0_on_sigterm() {
     assert_eq!(health.status, ServingStatus::Serving as i32);
 
     let mut client = daemon.client().await;
-    let mut call = OpenCall::open(&mut client).await;
     let jobs = (0..20)
         .map(|i| job(&format!("j{i}"), "echo", format!("p{i}").as_bytes(), &[]))
         .collect();
-    call.send(batch("b", jobs)).await;
-    call.half_close();
-    let (results, status) = tokio::time::timeout(LIVENESS, call.finish()).await.unwrap();
-    status.unwrap();
-    let results = by_id(results);
+    let results = run_batch_on(&mut client, jobs, LIVENESS).await;
     assert_eq!(results.len(), 20);
     for i in 0..20 {
         let r = &results[&format!("j{i}")];
@@ -154,14 +148,9 @@ async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on
     ])
     .await;
     let mut client = daemon.client().await;
-    let mut call = OpenCall::open(&mut client).await;
-    call.send(batch("b", vec![job("j", "echo", b"x", &[])]))
-        .await;
-    call.half_close();
-    let (results, status) = tokio::time::timeout(LIVENESS, call.finish()).await.unwrap();
-    status.unwrap();
+    let results = run_batch_on(&mut client, vec![job("j", "echo", b"x", &[])], LIVENESS).await;
     assert_eq!(results.len(), 1);
-    drop((call, client));
+    drop(client);
 
     let (code, metrics) = tokio::task::spawn_blocking(move || support::http_get(admin, "/metrics"))
         .await
@@ -183,20 +172,93 @@ async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_pending_spans() {
+    let collector = Collector::start().await;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // The batch processor's timer (10 min) does not fire during the test: only shutdown exports.
+    let mut daemon = collector
+        .traced_daemon(
+            Duration::from_secs(600),
+            &["--admin-listen", &admin.to_string()],
+        )
+        .await;
+    let trace = &fresh_trace();
+    let mut client = daemon.client().await;
+    let mut call = open_traced(&mut client, trace, |_| {}).await;
+    call.send(batch(
+        "b",
+        vec![job("a", "echo", b"1", &[]), job("b", "echo", b"2", &[])],
+    ))
+    .await;
+    call.half_close();
+    let results = by_id(call.finish_ok(LIVENESS).await);
+    assert_eq!(results.len(), 2);
+    assert!(
+        results.values().all(|r| outcome(r) == Outcome::Ok),
+        "{results:?}"
+    );
+    drop((call, client));
+
+    // The session is over in the daemon, so its spans have ended: pending in the batch processor.
+    wait_until("the daemon counts the call as ended", LIVENESS, || {
+        let metrics = support::http_get(admin, "/metrics").1;
+        metrics.contains("\nbatchd_calls_open 0\n")
+            && metrics.contains("\nbatchd_calls_ended_total{reason=\"half_close\"} 1\n")
+    })
+    .await;
+    let early = collector.spans();
+    assert!(early.is_empty(), "exported before shutdown: {early:?}");
+
+    daemon.signal("TERM");
+    let status = daemon.exit().await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    // batchd waits for the collector's answer before it exits: the spans are here now.
+    let spans = collector.spans();
+    let sessions = named(&spans, trace, "batchd.session");
+    assert_eq!(sessions.len(), 1, "{spans:?}");
+    let session = sessions[0];
+    assert_eq!(
+        hex(&session.parent_span_id),
+        CALLER_SPAN,
+        "the caller's span"
+    );
+    assert_eq!(
+        attr(session, "session.end").as_deref(),
+        Some("half_close"),
+        "it ended before shutdown"
+    );
+    assert_eq!(attr(session, "session.ok").as_deref(), Some("2"));
+    let batches = named(&spans, trace, "batchd.batch");
+    assert_eq!(batches.len(), 1, "{spans:?}");
+    assert_eq!(batches[0].parent_span_id, session.span_id);
+    let mut jobs: Vec<(String, String)> = named(&spans, trace, "batchd.job")
+        .into_iter()
+        .inspect(|s| assert_eq!(s.parent_span_id, batches[0].span_id, "{s:?}"))
+        .map(|s| (attr(s, "job.id").unwrap(), attr(s, "job.outcome").unwrap()))
+        .collect();
+    jobs.sort();
+    assert_eq!(
+        jobs,
+        [("a".into(), "ok".into()), ("b".into(), "ok".into())],
+        "both job spans, flushed at shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cancels_a_running_job_after_the_grace_period_and_exits_0() {
     // The default grace (30 s) is longer than the liveness deadline: the setting must take effect.
     let mut daemon = Daemon::serving(&["--set", "shutdown_grace=300ms"]).await;
     let mut call = call_with_a_sleeping_job(&daemon).await;
 
     daemon.signal("TERM");
-    let (results, status) = tokio::time::timeout(LIVENESS, call.finish())
-        .await
-        .expect("the call ends once the grace period is over");
+    // The call ends once the grace period is over, with a status.
+    let (results, _) = call.finish_err(Code::Unavailable, LIVENESS).await;
     let results = by_id(results);
     let sleep = results.get("sleep").expect("the sleeping job has a result");
     assert_eq!(outcome(sleep), Outcome::Cancelled, "{sleep:?}");
-    let status = status.expect_err("the call ends with a status");
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
     let exit = daemon.exit().await;
     assert_eq!(exit.code(), Some(0), "stderr:\n{}", daemon.stderr());

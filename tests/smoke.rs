@@ -10,16 +10,11 @@ use support::*;
 #[tokio::test]
 async fn echo_round_trip_and_half_close() {
     let server = TestServer::start(|_| {});
-    let mut client = server.client().await;
-    let mut call = OpenCall::open(&mut client).await;
     let jobs = (0..100)
         .map(|i| job(&format!("j{i}"), "echo", format!("p{i}").as_bytes(), &[]))
         .collect();
-    call.send(batch("b", jobs)).await;
-    call.half_close();
-    let (results, status) = call.finish().await;
-    status.unwrap();
-    let results = by_id(results);
+    // One call: the batch, then a half-close; it ends OK with every result.
+    let results = run_batch(&server, jobs, Duration::from_secs(10)).await;
     assert_eq!(results.len(), 100);
     for i in 0..100 {
         let r = &results[&format!("j{i}")];

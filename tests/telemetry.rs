@@ -1,81 +1,34 @@
 //! Observability end to end: spans received by a real OTLP/gRPC receiver, metrics scraped over HTTP.
 //!
 //! Telemetry is process-global (one subscriber, one tracer provider), so this binary sets it up once,
-//! on a runtime of its own that also runs the receiver, and each test tells its spans apart by the
+//! on a runtime of its own that also runs the collector, and each test tells its spans apart by the
 //! trace id it sends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use batchd::config::Config;
 use batchd::telemetry::Telemetry;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use support::otlp::{attr, fresh_trace, hex, named, open_traced, Collector, Exported, CALLER_SPAN};
 use support::{batch, http_get, job, wait_until, OpenCall, TestServer};
+use tokio_util::task::AbortOnDropHandle;
 
-/// Spans the receiver got, in arrival order.
-#[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<Span>>>);
-
-/// Metric exports the receiver got, in arrival order.
-#[derive(Clone, Default)]
-struct MetricsReceiver(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
-
-#[tonic::async_trait]
-impl MetricsService for MetricsReceiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
+/// How long spans and metrics may take to reach the collector while the exporters are flushed.
+const DELIVERY: Duration = Duration::from_secs(10);
 
 struct Shared {
     runtime: tokio::runtime::Runtime,
-    receiver: Receiver,
-    metrics: MetricsReceiver,
+    collector: Collector,
     telemetry: Telemetry,
 }
 
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            for ss in rs.scope_spans {
-                spans.extend(ss.spans);
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// The receiver and the global telemetry, set up by the first test that needs them.
+/// The collector and the global telemetry, set up by the first test that needs them.
 fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     // Built on a thread of its own: the tests call this from inside their runtimes.
@@ -83,71 +36,53 @@ fn shared() -> &'static Shared {
 }
 
 fn set_up() -> Shared {
-    {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let receiver = Receiver::default();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(receiver.clone());
-        let metrics = MetricsReceiver::default();
-        let metrics_service = MetricsServiceServer::new(metrics.clone());
-        runtime.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .add_service(metrics_service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-        });
-        let config = Config {
-            otlp_endpoint: format!("http://{addr}"),
-            otlp_metrics: true,
-            log: "warn".into(),
-            ..Config::default()
-        };
-        let telemetry = runtime
-            .block_on(async { batchd::telemetry::init(&config) })
-            .unwrap();
-        assert!(telemetry.is_tracing() && telemetry.is_pushing_metrics());
-        Shared {
-            runtime,
-            receiver,
-            metrics,
-            telemetry,
-        }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Serves on this runtime, which lives as long as the process: every test's runtime is gone
+    // when its test ends.
+    let collector = runtime.block_on(Collector::start());
+    let config = Config {
+        otlp_endpoint: collector.url(),
+        otlp_metrics: true,
+        log: "warn".into(),
+        ..Config::default()
+    };
+    let telemetry = runtime
+        .block_on(async { batchd::telemetry::init(&config) })
+        .unwrap();
+    assert!(telemetry.is_tracing() && telemetry.is_pushing_metrics());
+    Shared {
+        runtime,
+        collector,
+        telemetry,
     }
 }
 
-/// Flushes the exporter until `cond` holds on the spans received so far.
-async fn spans_until(what: &str, cond: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+/// Flushes the exporters every 50 ms, on the shared runtime, until dropped: without it spans wait
+/// for the batch processor's timer (5 s) and metrics for the periodic reader's (60 s).
+fn keep_flushing() -> AbortOnDropHandle<()> {
     let shared = shared();
-    for _ in 0..100 {
-        let flush = shared.runtime.spawn(shared.telemetry_flush());
-        flush.await.unwrap();
-        let spans = shared.receiver.0.lock().unwrap().clone();
-        if cond(&spans) {
-            return spans;
+    AbortOnDropHandle::new(shared.runtime.spawn(async move {
+        loop {
+            shared.telemetry.flush().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no spans for {what}");
+    }))
 }
 
-impl Shared {
-    fn telemetry_flush(&'static self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.telemetry.flush()
-    }
+/// Flushes the exporter until `cond` holds on the spans received so far; returns them.
+async fn spans_until(what: &str, cond: impl Fn(&[Exported]) -> bool) -> Vec<Exported> {
+    let _flushing = keep_flushing();
+    let what = format!("the spans of {what} arrive");
+    shared().collector.wait_for(&what, DELIVERY, cond).await
 }
 
 /// The sum of the data points of metric `name` in the latest export that has it.
-fn last_sum(receiver: &MetricsReceiver, name: &str) -> i64 {
+fn last_sum(exports: &[ExportMetricsServiceRequest], name: &str) -> i64 {
     use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value as N};
-    let exports = receiver.0.lock().unwrap();
     for export in exports.iter().rev() {
         let metric = export
             .resource_metrics
@@ -173,42 +108,13 @@ fn last_sum(receiver: &MetricsReceiver, name: &str) -> i64 {
     -1
 }
 
-fn attr(span: &Span, key: &str) -> Option<String> {
-    let kv = span.attributes.iter().find(|kv| kv.key == key)?;
-    Some(match kv.value.as_ref()?.value.as_ref()? {
-        Value::StringValue(s) => s.clone(),
-        Value::IntValue(i) => i.to_string(),
-        Value::DoubleValue(d) => d.to_string(),
-        Value::BoolValue(b) => b.to_string(),
-        other => format!("{other:?}"),
-    })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Spans of trace `trace` named `name`.
-fn named<'a>(spans: &'a [Span], trace: &str, name: &str) -> Vec<&'a Span> {
-    spans
-        .iter()
-        .filter(|s| hex(&s.trace_id) == trace && s.name == name)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_join_the_callers_trace_and_show_outcomes() {
     shared();
     let server = TestServer::start(|_| {});
     let mut client = server.client().await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let parent = "00f067aa0ba902b7";
-    let traceparent = format!("00-{trace}-{parent}-01");
-    let mut call = OpenCall::open_request(&mut client, |r| {
-        r.metadata_mut()
-            .insert("traceparent", traceparent.parse().unwrap());
-    })
-    .await;
+    let mut call = open_traced(&mut client, trace, |_| {}).await;
     call.send(batch(
         "b1",
         vec![
@@ -230,7 +136,7 @@ async fn spans_join_the_callers_trace_and_show_outcomes() {
     let session = named(&spans, trace, "batchd.session")[0];
     assert_eq!(
         hex(&session.parent_span_id),
-        parent,
+        CALLER_SPAN,
         "parent is the client's span"
     );
     assert_eq!(attr(session, "session.end").as_deref(), Some("half_close"));
@@ -262,11 +168,7 @@ async fn spans_join_the_callers_trace_and_show_outcomes() {
 
     // A client that goes away: its jobs' spans say cancelled, and by whom.
     let trace2 = "0af7651916cd43dd8448eb211c80319c";
-    let call = OpenCall::open_request(&mut client, |r| {
-        let tp = format!("00-{trace2}-b7ad6b7169203331-01");
-        r.metadata_mut().insert("traceparent", tp.parse().unwrap());
-    })
-    .await;
+    let call = open_traced(&mut client, trace2, |_| {}).await;
     call.send(batch(
         "slow",
         vec![
@@ -441,22 +343,20 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
     assert_eq!(sample(&m, "batchd_exec_groups_alive", ""), 0.0);
 
     // The same counts pushed over OTLP.
-    let mut pushed = 0;
-    for _ in 0..100 {
-        let shared = shared();
-        shared
-            .runtime
-            .spawn(shared.telemetry_flush())
-            .await
-            .unwrap();
-        pushed = last_sum(&shared.metrics, "batchd.jobs.finished");
-        if pushed == 28 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(pushed, 28, "jobs finished, pushed over OTLP");
-    assert_eq!(last_sum(&shared().metrics, "batchd.calls.open"), 0);
+    let collector = &shared().collector;
+    let flushing = keep_flushing();
+    wait_until("the 28 jobs finished are pushed", DELIVERY, || {
+        last_sum(&collector.metrics(), "batchd.jobs.finished") == 28
+    })
+    .await;
+    drop(flushing);
+    let pushed = collector.metrics();
+    assert_eq!(
+        last_sum(&pushed, "batchd.jobs.finished"),
+        28,
+        "jobs finished, pushed over OTLP"
+    );
+    assert_eq!(last_sum(&pushed, "batchd.calls.open"), 0);
 
     // The example dashboard only uses metrics the daemon exposes.
     let dashboard = std::fs::read_to_string(concat!(
@@ -505,34 +405,6 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
 /// Held by a test while it runs exec commands, and by one that expects none to run: the count of
 /// live exec process groups is process-wide.
 static EXEC_GROUPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A trace id no other test of this binary uses (32 hex digits, never all zeros).
-fn fresh_trace() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    let high = h.finish();
-    format!("{high:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Opens a call that is a child of a span of trace `trace`, with `edit` changing the request further.
-async fn open_traced(
-    client: &mut batchd::proto::batch_service_client::BatchServiceClient<tonic::transport::Channel>,
-    trace: &str,
-    edit: impl FnOnce(
-        &mut tonic::Request<tokio_stream::wrappers::ReceiverStream<batchd::proto::ProcessRequest>>,
-    ),
-) -> OpenCall {
-    let traceparent = format!("00-{trace}-b7ad6b7169203331-01");
-    OpenCall::open_request(client, |r| {
-        r.metadata_mut()
-            .insert("traceparent", traceparent.parse().unwrap());
-        edit(r);
-    })
-    .await
-}
 
 /// The OTLP status code of a span (0 unset, 1 ok, 2 error).
 fn status_code(span: &Span) -> i32 {

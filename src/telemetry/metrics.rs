@@ -108,7 +108,7 @@ pub(crate) struct HandlerGauges {
 #[derive(Debug)]
 pub(crate) struct GaugeDeltas {
     /// Queued and running deltas by handler row; allocated when the session admits a job.
-    rows: Vec<[i64; 2]>,
+    rows: Vec<[i32; 2]>,
     /// Handler rows of the engine.
     len: usize,
     dirty: bool,
@@ -244,21 +244,23 @@ impl Histogram {
 
 impl GaugeDeltas {
     /// Adds `n` (possibly negative) to the queued jobs of handler `row`.
-    pub(crate) fn queued(&mut self, row: usize, n: i64) {
+    pub(crate) fn queued(&mut self, row: usize, n: i32) {
         self.add(row, 0, n);
     }
 
     /// Adds `n` (possibly negative) to the running jobs of handler `row`.
-    pub(crate) fn running(&mut self, row: usize, n: i64) {
+    pub(crate) fn running(&mut self, row: usize, n: i32) {
         self.add(row, 1, n);
     }
 
-    fn add(&mut self, row: usize, which: usize, n: i64) {
+    fn add(&mut self, row: usize, which: usize, n: i32) {
         if self.rows.is_empty() {
             self.rows = vec![[0; 2]; self.len.max(1)];
         }
         let last = self.rows.len() - 1;
-        self.rows[row.min(last)][which] += n;
+        let d = &mut self.rows[row.min(last)][which];
+        // A session holds at most its window of jobs: a turn's delta is far inside i32.
+        *d = d.saturating_add(n);
         self.dirty = true;
     }
 }
@@ -370,7 +372,7 @@ impl EngineMetrics {
                 let n = std::mem::take(n);
                 if n != 0 {
                     // Two's complement: adding the wrapped negative delta subtracts.
-                    shared.fetch_add(n as u64, Ordering::Relaxed);
+                    shared.fetch_add(i64::from(n) as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -669,6 +671,36 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gauge_deltas_fold_into_the_handler_rows() {
+        let m = EngineMetrics::new(vec!["a".into(), "b".into()]);
+        let mut d = m.gauge_deltas();
+        d.queued(0, 3);
+        d.queued(1, 1);
+        m.fold_gauges(&mut d);
+        assert_eq!(m.jobs_queued_running(), (4, 0));
+        d.queued(0, -2);
+        d.running(0, 2);
+        d.running(0, -1);
+        // A row past the table lands on the last one instead of panicking.
+        d.running(usize::MAX, 1);
+        assert_eq!(
+            m.jobs_queued_running(),
+            (4, 0),
+            "nothing shows before the fold"
+        );
+        m.fold_gauges(&mut d);
+        assert_eq!(m.jobs_queued_running(), (2, 2));
+        let rows: Vec<_> = handler_gauges(&m).collect();
+        assert_eq!(rows, [("a", 1, 1), ("b", 1, 0)]);
+        d.queued(0, -1);
+        d.queued(1, -1);
+        d.running(0, -1);
+        d.running(2, -1);
+        m.fold_gauges(&mut d);
+        assert_eq!(m.jobs_queued_running(), (0, 0));
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

@@ -225,13 +225,13 @@ impl Engine {
     pub fn stats(&self) -> Stats {
         let c = &self.inner.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (jobs_queued, jobs_running) = c.jobs_queued_running();
+        let [jobs_queued, jobs_running, jobs_admitted] = c.jobs_by_state();
         Stats {
             calls_open: get(&c.calls_open),
             jobs_queued,
             jobs_running,
             results_buffered: get(&c.results_buffered),
-            jobs_admitted: get(&c.jobs_admitted),
+            jobs_admitted,
             finished: c.finished_by_outcome(),
             free_workers: self.inner.scheduler.free() as u64,
         }

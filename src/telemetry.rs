@@ -290,27 +290,24 @@ impl Telemetry {
                 .with_callback(move |o| o.observe(read(&engine), &[]))
                 .build();
         }
-        let by_handler: [(&'static str, &'static str, bool); 2] = [
+        let by_handler: [(&'static str, &'static str); 2] = [
             (
                 "batchd.jobs.queued",
                 "Admitted jobs waiting for a worker slot, by handler.",
-                false,
             ),
             (
                 "batchd.jobs.running",
                 "Jobs holding a worker slot, by handler.",
-                true,
             ),
         ];
-        for (name, help, running) in by_handler {
+        for (i, (name, help)) in by_handler.into_iter().enumerate() {
             let e = engine.clone();
             meter
                 .u64_observable_gauge(name)
                 .with_description(help)
                 .with_callback(move |o| {
-                    for (handler, queued, run) in metrics::handler_gauges(e.metrics()) {
-                        let v = if running { run } else { queued };
-                        o.observe(v, &[KeyValue::new("handler", handler.to_owned())]);
+                    for (handler, figures) in metrics::handler_gauges(e.metrics()) {
+                        o.observe(figures[i], &[KeyValue::new("handler", handler.to_owned())]);
                     }
                 })
                 .build();
@@ -366,8 +363,12 @@ impl Telemetry {
         let e = engine.clone();
         meter
             .u64_observable_counter("batchd.jobs.admitted")
-            .with_description("Jobs admitted since start.")
-            .with_callback(move |o| o.observe(e.stats().jobs_admitted, &[]))
+            .with_description("Jobs admitted since start, by handler.")
+            .with_callback(move |o| {
+                for (handler, figures) in metrics::handler_gauges(e.metrics()) {
+                    o.observe(figures[2], &[KeyValue::new("handler", handler.to_owned())]);
+                }
+            })
             .build();
     }
 

@@ -316,7 +316,15 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(total, 28.0, "every job sent is counted once");
-    assert_eq!(sample(&m, "batchd_jobs_admitted_total", ""), 26.0);
+    let admitted = |handler: &str| {
+        sample(
+            &m,
+            "batchd_jobs_admitted_total",
+            &format!("handler=\"{handler}\""),
+        )
+    };
+    assert_eq!((admitted("echo"), admitted("sleep")), (24.0, 2.0));
+    assert_eq!(server.stats().jobs_admitted, 26);
     for gauge in ["batchd_calls_open", "batchd_results_buffered"] {
         assert_eq!(sample(&m, gauge, ""), 0.0, "{gauge}");
     }

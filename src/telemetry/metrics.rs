@@ -95,20 +95,18 @@ pub(crate) struct LocalHistogram {
     pending: bool,
 }
 
-/// The jobs of one handler waiting for a worker slot and holding one.
+/// The jobs of one handler waiting for a worker slot and holding one (gauges), and admitted since
+/// start (a counter), in that order.
 #[derive(Debug, Default)]
-pub(crate) struct HandlerGauges {
-    queued: AtomicU64,
-    running: AtomicU64,
-}
+pub(crate) struct HandlerGauges([AtomicU64; 3]);
 
 /// A session's changes to the per-handler gauges, folded in by [`EngineMetrics::fold_gauges`]
 /// before the session yields: the gauges are exact whenever anyone can look, and a job's start
 /// touches no shared cache line.
 #[derive(Debug)]
 pub(crate) struct GaugeDeltas {
-    /// Queued and running deltas by handler row; allocated when the session admits a job.
-    rows: Vec<[i32; 2]>,
+    /// Queued, running and admitted deltas by handler row; allocated when the session admits a job.
+    rows: Vec<[i32; 3]>,
     /// Handler rows of the engine.
     len: usize,
     dirty: bool,
@@ -119,12 +117,10 @@ pub(crate) struct GaugeDeltas {
 pub struct EngineMetrics {
     /// Calls whose session is alive.
     pub(crate) calls_open: AtomicU64,
-    /// Queued and running jobs by handler row (same rows as `finished`).
+    /// Queued, running and admitted jobs by handler row (same rows as `finished`).
     pub(crate) gauges: Box<[HandlerGauges]>,
     /// Results held by sessions, not yet handed to the transport.
     pub(crate) results_buffered: AtomicU64,
-    /// Jobs admitted since start.
-    pub(crate) jobs_admitted: AtomicU64,
     /// Handler names, in the order of `finished`'s rows; one more row counts unknown handlers.
     pub(crate) handlers: Vec<String>,
     /// Jobs finished, by handler row and outcome in [`Outcome::ALL`] order.
@@ -253,9 +249,14 @@ impl GaugeDeltas {
         self.add(row, 1, n);
     }
 
+    /// Counts `n` more admitted jobs of handler `row`.
+    pub(crate) fn admitted(&mut self, row: usize, n: i32) {
+        self.add(row, 2, n);
+    }
+
     fn add(&mut self, row: usize, which: usize, n: i32) {
         if self.rows.is_empty() {
-            self.rows = vec![[0; 2]; self.len.max(1)];
+            self.rows = vec![[0; 3]; self.len.max(1)];
         }
         let last = self.rows.len() - 1;
         let d = &mut self.rows[row.min(last)][which];
@@ -325,7 +326,6 @@ impl EngineMetrics {
             calls_open: AtomicU64::new(0),
             gauges: (0..rows).map(|_| HandlerGauges::default()).collect(),
             results_buffered: AtomicU64::new(0),
-            jobs_admitted: AtomicU64::new(0),
             handlers,
             finished: (0..rows)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
@@ -368,7 +368,7 @@ impl EngineMetrics {
         let last = self.gauges.len() - 1;
         for (row, d) in local.rows.iter_mut().enumerate() {
             let g = &self.gauges[row.min(last)];
-            for (shared, n) in [&g.queued, &g.running].into_iter().zip(d.iter_mut()) {
+            for (shared, n) in g.0.iter().zip(d.iter_mut()) {
                 let n = std::mem::take(n);
                 if n != 0 {
                     // Two's complement: adding the wrapped negative delta subtracts.
@@ -378,14 +378,15 @@ impl EngineMetrics {
         }
     }
 
-    /// Queued and running jobs over all handlers.
-    pub(crate) fn jobs_queued_running(&self) -> (u64, u64) {
-        self.gauges.iter().fold((0, 0), |(q, r), g| {
-            (
-                q.wrapping_add(g.queued.load(Ordering::Relaxed)),
-                r.wrapping_add(g.running.load(Ordering::Relaxed)),
-            )
-        })
+    /// Queued, running and admitted jobs over all handlers.
+    pub(crate) fn jobs_by_state(&self) -> [u64; 3] {
+        let mut sums = [0u64; 3];
+        for g in self.gauges.iter() {
+            for (s, a) in sums.iter_mut().zip(&g.0) {
+                *s = s.wrapping_add(a.load(Ordering::Relaxed));
+            }
+        }
+        sums
     }
 
     /// Records how long the jobs of a call ended by `why` kept going after the daemon knew.
@@ -443,11 +444,11 @@ pub(crate) fn handler_rows(
     })
 }
 
-/// Every handler's queued and running jobs (the unknown-handler row never holds one).
-pub(crate) fn handler_gauges(m: &EngineMetrics) -> impl Iterator<Item = (&str, u64, u64)> + '_ {
+/// Every handler's queued, running and admitted jobs (the unknown-handler row never has one).
+pub(crate) fn handler_gauges(m: &EngineMetrics) -> impl Iterator<Item = (&str, [u64; 3])> + '_ {
     m.handlers.iter().zip(m.gauges.iter()).map(|(name, g)| {
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        (name.as_str(), load(&g.queued), load(&g.running))
+        let figures = std::array::from_fn(|i| g.0[i].load(Ordering::Relaxed));
+        (name.as_str(), figures)
     })
 }
 
@@ -528,29 +529,26 @@ pub fn render(m: &EngineMetrics, free_workers: u64, process: ProcessFigures) -> 
     let by_handler = [
         (
             "batchd_jobs_queued",
+            "gauge",
             "Admitted jobs waiting for a worker slot, by handler.",
-            false,
         ),
         (
             "batchd_jobs_running",
+            "gauge",
             "Jobs holding a worker slot, by handler.",
-            true,
+        ),
+        (
+            "batchd_jobs_admitted_total",
+            "counter",
+            "Jobs admitted since start, by handler.",
         ),
     ];
-    for (name, help, running) in by_handler {
-        head(&mut out, name, "gauge", help);
-        for (handler, queued, run) in handler_gauges(m) {
-            let v = if running { run } else { queued };
-            let _ = writeln!(out, "{name}{{handler=\"{handler}\"}} {v}");
+    for (i, (name, kind, help)) in by_handler.into_iter().enumerate() {
+        head(&mut out, name, kind, help);
+        for (handler, figures) in handler_gauges(m) {
+            let _ = writeln!(out, "{name}{{handler=\"{handler}\"}} {}", figures[i]);
         }
     }
-    head(
-        &mut out,
-        "batchd_jobs_admitted_total",
-        "counter",
-        "Jobs admitted since start.",
-    );
-    let _ = writeln!(out, "batchd_jobs_admitted_total {}", load(&m.jobs_admitted));
 
     head(
         &mut out,
@@ -679,27 +677,29 @@ mod tests {
         d.queued(0, 3);
         d.queued(1, 1);
         m.fold_gauges(&mut d);
-        assert_eq!(m.jobs_queued_running(), (4, 0));
+        assert_eq!(m.jobs_by_state(), [4, 0, 0]);
         d.queued(0, -2);
         d.running(0, 2);
         d.running(0, -1);
         // A row past the table lands on the last one instead of panicking.
         d.running(usize::MAX, 1);
         assert_eq!(
-            m.jobs_queued_running(),
-            (4, 0),
+            m.jobs_by_state(),
+            [4, 0, 0],
             "nothing shows before the fold"
         );
         m.fold_gauges(&mut d);
-        assert_eq!(m.jobs_queued_running(), (2, 2));
+        assert_eq!(m.jobs_by_state(), [2, 2, 0]);
+        d.admitted(1, 5);
+        m.fold_gauges(&mut d);
         let rows: Vec<_> = handler_gauges(&m).collect();
-        assert_eq!(rows, [("a", 1, 1), ("b", 1, 0)]);
+        assert_eq!(rows, [("a", [1, 1, 0]), ("b", [1, 0, 5])]);
         d.queued(0, -1);
         d.queued(1, -1);
         d.running(0, -1);
         d.running(2, -1);
         m.fold_gauges(&mut d);
-        assert_eq!(m.jobs_queued_running(), (0, 0));
+        assert_eq!(m.jobs_by_state(), [0, 0, 5]);
     }
 
     #[test]

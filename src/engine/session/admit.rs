@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use super::{Counters, Queued, Session, Slot};
+use super::{Queued, Session, Slot};
 use crate::engine::job::{Command, JobRequest, JobResult, Outcome};
 use crate::engine::running::RunningJob;
 use crate::error::Error;
@@ -85,7 +85,6 @@ where
         // them waiting for their turn.
         let stats = &self.engine.stats;
         stats.fold_gauges(&mut self.gauges);
-        Counters::add(&stats.jobs_admitted, admitted);
         Ok(())
     }
 
@@ -137,6 +136,7 @@ where
                     span,
                 });
                 self.gauges.queued(row, 1);
+                self.gauges.admitted(row, 1);
                 self.queue.push_back(Queued {
                     seq,
                     id: job.id,

@@ -1,4 +1,4 @@
-//! The real `batchd` binary as a child process: a free port, stderr captured, killed when dropped.
+//! The real `batchd` binary as a child process: port 0, stderr captured, killed when dropped.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -64,31 +64,33 @@ impl Daemon {
         }
     }
 
-    /// Starts `batchd --listen 127.0.0.1:PORT args…` on a free port and waits until it serves.
+    /// Starts `batchd --listen 127.0.0.1:0 args…` and waits until it serves; `url` is its address.
     pub async fn serving(args: &[&str]) -> Self {
-        for _ in 0..3 {
-            // A port that was free a moment ago; another process may take it first, hence the retry.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let listen = format!("127.0.0.1:{port}");
-            let mut all = vec!["--listen", listen.as_str()];
-            all.extend_from_slice(args);
-            let mut daemon = Self::spawn(&all, &[]);
-            daemon.url = format!("http://{listen}");
-            daemon.wait_for_log("serving").await;
-            if daemon.running() {
-                return daemon;
-            }
-            assert!(
-                daemon.stderr().contains("binding"),
-                "batchd exited before serving: {}",
-                daemon.stderr()
-            );
+        Self::serving_with(args, &[]).await
+    }
+
+    /// [`Daemon::serving`] with `env` set.
+    pub async fn serving_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut daemon = Self::spawn(&all, env);
+        let stderr = Arc::clone(&daemon.stderr);
+        let child = &mut daemon.child;
+        // The whole "serving" line, with the address the kernel chose.
+        let found = tokio::time::timeout(
+            LIVENESS,
+            wait_until("batchd logs its address", LIVENESS * 2, || {
+                serving_addr(&String::from_utf8_lossy(&stderr.lock().unwrap())).is_some()
+                    || child.try_wait().unwrap().is_some()
+            }),
+        )
+        .await;
+        let addr = serving_addr(&daemon.stderr());
+        match (found, addr) {
+            (Ok(()), Some(addr)) if daemon.running() => daemon.url = format!("http://{addr}"),
+            _ => panic!("batchd does not serve; stderr:\n{}", daemon.stderr()),
         }
-        panic!("no free port for batchd after 3 tries");
+        daemon
     }
 
     pub fn stderr(&self) -> String {
@@ -158,6 +160,22 @@ impl Daemon {
     pub async fn client(&self) -> BatchServiceClient<tonic::transport::Channel> {
         BatchServiceClient::connect(self.url.clone()).await.unwrap()
     }
+}
+
+/// The address of the first complete "serving" line of a log, in text (`addr=…`) or JSON
+/// (`"addr":"…"`) format.
+fn serving_addr(log: &str) -> Option<String> {
+    let line = log
+        .split_inclusive('\n')
+        .find(|l| l.ends_with('\n') && l.contains("serving"))?;
+    if let Some(addr) = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+    {
+        return Some(addr.to_owned());
+    }
+    let rest = &line[line.find("\"addr\":\"")? + "\"addr\":\"".len()..];
+    Some(rest[..rest.find('"')?].to_owned())
 }
 
 impl Drop for Daemon {

@@ -114,27 +114,8 @@ impl Collector {
             ("OTEL_SDK_DISABLED", "false"),
             ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
         ];
-        let mut all = vec!["--listen", "127.0.0.1:0"];
-        all.extend_from_slice(args);
-        let mut daemon = Daemon::spawn(&all, &env);
-        daemon.wait_for_log("serving").await;
-        assert!(daemon.running(), "batchd exited: {}", daemon.stderr());
-        // The whole line, with the address it bound.
-        wait_until("batchd logs its address", Duration::from_secs(10), || {
-            serving_addr(&daemon.stderr()).is_some()
-        })
-        .await;
-        daemon.url = format!("http://{}", serving_addr(&daemon.stderr()).unwrap());
-        daemon
+        Daemon::serving_with(args, &env).await
     }
-}
-
-/// The `addr` of the first complete "serving" line of a text log.
-fn serving_addr(log: &str) -> Option<String> {
-    log.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n') && l.contains(" serving "))
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-        .map(str::to_owned)
 }
 
 /// The span id [`open_traced`] gives as the caller's.

@@ -14,27 +14,47 @@ pub use units::ByteSize;
 /// Prefix of the environment variables that set config fields (`BATCHD_WORKERS=8`).
 pub const ENV_PREFIX: &str = "BATCHD_";
 
+/// Longest value of a duration field: one (Julian) year, written `1year`.
+///
+/// Timeouts and graces are added to `Instant`s and to other durations, which panics on overflow;
+/// a year is far from that and far beyond any useful wait. (Exec handlers' `timeout` is capped by
+/// `max_job_timeout`, their `kill_grace` by [`crate::handlers::exec::MAX_KILL_GRACE`].)
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// Most `workers`, `session_window`, `max_calls` and `max_jobs_per_batch`: 2^20.
+///
+/// Far beyond what one process runs or buffers at once, and it keeps the engine's arithmetic exact:
+/// a session's per-handler gauge deltas are `i32` (a session holds at most `session_window` jobs,
+/// a batch at most `max_jobs_per_batch`), and semaphores take at most `Semaphore::MAX_PERMITS`.
+pub const MAX_COUNT: usize = 1 << 20;
+
+/// Most `cpu_workers`: the size of tokio's blocking thread pool, which CPU work runs on (more could
+/// not run at once; `Semaphore::new` would panic beyond `Semaphore::MAX_PERMITS`).
+pub const MAX_CPU_WORKERS: usize = 512;
+
 /// Every setting of the daemon; `Config::default()` is what runs with no file, env or flags.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
-    /// Jobs running at once, across all calls.
+    /// Jobs running at once, across all calls (at most [`MAX_COUNT`]).
     pub workers: usize,
-    /// CPU-bound pieces of work running at once; 0 means the number of cores.
+    /// CPU-bound pieces of work running at once; 0 means the number of cores (at most
+    /// [`MAX_CPU_WORKERS`]).
     pub cpu_workers: usize,
-    /// Admitted jobs per call whose result is not sent yet; beyond it the call's stream is not read.
+    /// Admitted jobs per call whose result is not sent yet; beyond it the call's stream is not read
+    /// (at most [`MAX_COUNT`]).
     pub session_window: usize,
-    /// Calls open at once; more are refused with RESOURCE_EXHAUSTED.
+    /// Calls open at once; more are refused with RESOURCE_EXHAUSTED (at most [`MAX_COUNT`]).
     pub max_calls: usize,
     /// Largest request message accepted; larger ends the call with RESOURCE_EXHAUSTED.
     pub max_message_size: ByteSize,
-    /// Most jobs in one batch; more ends the call with INVALID_ARGUMENT.
+    /// Most jobs in one batch; more ends the call with INVALID_ARGUMENT (at most [`MAX_COUNT`]).
     pub max_jobs_per_batch: usize,
     /// Largest job payload; larger makes the job REJECTED.
     pub max_payload: ByteSize,
-    /// Largest job output; larger makes the job FAILED.
+    /// Largest job output; larger makes the job FAILED (under 4 GiB).
     pub max_output: ByteSize,
     /// Timeout of a job that sets none.
     #[serde(with = "units::duration")]
@@ -266,23 +286,50 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        if self.workers == 0 {
-            return invalid("workers", "must be at least 1");
+        for (field, n) in [
+            ("workers", self.workers),
+            ("session_window", self.session_window),
+            ("max_calls", self.max_calls),
+            ("max_jobs_per_batch", self.max_jobs_per_batch),
+        ] {
+            if n == 0 {
+                return invalid(field, "must be at least 1");
+            }
+            if n > MAX_COUNT {
+                return invalid(field, &format!("must be at most {MAX_COUNT}"));
+            }
         }
-        if self.session_window == 0 {
-            return invalid("session_window", "must be at least 1");
-        }
-        if self.max_calls == 0 || self.max_calls > tokio::sync::Semaphore::MAX_PERMITS {
-            return invalid("max_calls", "must be between 1 and 2^61");
-        }
-        if self.max_jobs_per_batch == 0 {
-            return invalid("max_jobs_per_batch", "must be at least 1");
+        if self.cpu_workers > MAX_CPU_WORKERS {
+            return invalid(
+                "cpu_workers",
+                &format!(
+                    "must be at most {MAX_CPU_WORKERS} (the blocking threads CPU work runs on), \
+                     or 0 for the number of cores"
+                ),
+            );
         }
         if self.max_message_size < ByteSize(1024) || self.max_message_size.0 > u64::from(u32::MAX) {
             return invalid("max_message_size", "must be between 1KiB and 4GiB");
         }
         if self.max_payload > self.max_message_size {
             return invalid("max_payload", "must not be larger than max_message_size");
+        }
+        // A job's result travels in one gRPC message, whose length prefix is 32 bits.
+        if self.max_output.0 > u64::from(u32::MAX) {
+            return invalid("max_output", "must be under 4GiB");
+        }
+        for (field, d) in [
+            ("default_job_timeout", self.default_job_timeout),
+            ("max_job_timeout", self.max_job_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("shutdown_grace", self.shutdown_grace),
+            ("trace_flush_timeout", self.trace_flush_timeout),
+        ] {
+            if d > MAX_DURATION {
+                let max = humantime::format_duration(MAX_DURATION);
+                return invalid(field, &format!("must be at most {max}"));
+            }
         }
         if self.default_job_timeout.is_zero() {
             return invalid("default_job_timeout", "must be positive");
@@ -331,12 +378,13 @@ impl Config {
         Ok(())
     }
 
-    /// `cpu_workers`, with 0 resolved to the number of cores.
+    /// `cpu_workers`, with 0 resolved to the number of cores (at most [`MAX_CPU_WORKERS`]).
     pub fn effective_cpu_workers(&self) -> usize {
         match self.cpu_workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         }
+        .min(MAX_CPU_WORKERS)
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -70,19 +71,20 @@ impl Server {
             admin,
         } = self;
         let admin_stop = CancellationToken::new();
-        // Stops the admin task however this future ends (it is awaited below when it returns).
-        let _stop_admin = admin_stop.clone().drop_guard();
+        // Owned here: stopped and awaited when serving ends, aborted if this future is dropped.
         let admin_task = admin.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
             }
             let stop = admin_stop.clone().cancelled_owned();
-            tokio::spawn(admin::serve(listener, engine.clone(), stop))
+            AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, engine.clone(), stop)))
         });
         let res = serve_grpc(config, engine, listener, shutdown).await;
         admin_stop.cancel();
         if let Some(task) = admin_task {
-            let _ = task.await;
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "the admin listener failed");
+            }
         }
         res
     }
@@ -186,5 +188,45 @@ async fn serve_grpc(
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Whether something accepts connections on `addr` (a closed listener refuses them).
+    async fn listening(addr: std::net::SocketAddr) -> bool {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    }
+
+    async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done().await {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_serve_closes_the_admin_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let server = Server::new(Config::default(), Registry::builtin()).with_admin(admin);
+        let serving = tokio::spawn(server.serve(listener, std::future::pending()));
+        assert!(listening(admin_addr).await);
+
+        // Dropped mid-serve, not shut down: the admin task must not outlive it.
+        serving.abort();
+        assert!(serving.await.unwrap_err().is_cancelled());
+        wait_for("the admin listener is closed", async || {
+            !listening(admin_addr).await
+        })
+        .await;
     }
 }

@@ -1,13 +1,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The real `batchd` binary as a process: configuration errors and their exit code, serving on a
-//! real port, SIGTERM/SIGINT shutdown with its grace period (and the spans it flushes), and JSON
-//! logs.
+//! real port, SIGTERM/SIGINT shutdown with its grace period (and the spans it flushes), a second
+//! signal while exec process groups are being waited for, and JSON logs.
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use batchd::proto::Outcome;
-use support::daemon::Daemon;
+use support::daemon::{write_config, Daemon};
 use support::otlp::{attr, fresh_trace, hex, named, open_traced, Collector, CALLER_SPAN};
 use support::{batch, by_id, job, outcome, run_batch_on, wait_until, OpenCall};
 use tonic::Code;
@@ -46,6 +47,56 @@ async fn call_with_a_sleeping_job(daemon: &Daemon) -> OpenCall {
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].job_id, "echo");
     call
+}
+
+/// The admin listener's address from the first complete "admin listener" line of a log, in text
+/// (`addr=…`) or JSON (`"addr":"…"`) format.
+fn admin_addr(log: &str) -> Option<SocketAddr> {
+    let line = log
+        .split_inclusive('\n')
+        .find(|l| l.ends_with('\n') && l.contains("admin listener"))?;
+    let addr = match line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+    {
+        Some(addr) => addr,
+        None => {
+            let rest = &line[line.find("\"addr\":\"")? + "\"addr\":\"".len()..];
+            &rest[..rest.find('"')?]
+        }
+    };
+    addr.parse().ok()
+}
+
+/// A daemon serving gRPC and the admin endpoints, each on a port the kernel chose; returns it with
+/// the admin address it logged.
+fn serving_with_admin(daemon: Daemon) -> (Daemon, SocketAddr) {
+    // The admin line is logged before the "serving" line `Daemon::serving` waited for.
+    let admin = admin_addr(&daemon.stderr())
+        .unwrap_or_else(|| panic!("no admin listener address logged:\n{}", daemon.stderr()));
+    (daemon, admin)
+}
+
+/// Processes still running (zombies are not) whose environment carries `BATCHD_TEST_MARK=mark`.
+///
+/// Zombies count as gone: this sandbox's PID 1 does not reap orphans.
+fn marked_running(mark: &str) -> Vec<i32> {
+    let needle = format!("BATCHD_TEST_MARK={mark}\0");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // The state follows the command name, which is in parentheses and may hold anything.
+            let running = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat.get(stat.rfind(')')? + 2..)?.chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X');
+            running
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .collect()
 }
 
 // === configuration errors ===
@@ -133,20 +184,18 @@ async fn serves_jobs_then_exits_0_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on() {
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     // Nothing listens on port 9 here: exports fail, and the flush at exit must stay bounded.
-    let mut daemon = Daemon::serving(&[
-        "--admin-listen",
-        &admin.to_string(),
-        "--set",
-        "otlp_endpoint=http://127.0.0.1:9",
-        "--set",
-        "trace_flush_timeout=1s",
-    ])
-    .await;
+    let (mut daemon, admin) = serving_with_admin(
+        Daemon::serving(&[
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--set",
+            "otlp_endpoint=http://127.0.0.1:9",
+            "--set",
+            "trace_flush_timeout=1s",
+        ])
+        .await,
+    );
     let mut client = daemon.client().await;
     let results = run_batch_on(&mut client, vec![job("j", "echo", b"x", &[])], LIVENESS).await;
     assert_eq!(results.len(), 1);
@@ -164,8 +213,10 @@ async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on
     daemon.signal("TERM");
     let status = daemon.exit().await;
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    // Bounded, not hung (`exit` also gives up after its own liveness deadline); generous for a
+    // loaded machine.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
     );
@@ -174,17 +225,12 @@ async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_pending_spans() {
     let collector = Collector::start().await;
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     // The batch processor's timer (10 min) does not fire during the test: only shutdown exports.
-    let mut daemon = collector
-        .traced_daemon(
-            Duration::from_secs(600),
-            &["--admin-listen", &admin.to_string()],
-        )
-        .await;
+    let (mut daemon, admin) = serving_with_admin(
+        collector
+            .traced_daemon(Duration::from_secs(600), &["--admin-listen", "127.0.0.1:0"])
+            .await,
+    );
     let trace = &fresh_trace();
     let mut client = daemon.client().await;
     let mut call = open_traced(&mut client, trace, |_| {}).await;
@@ -281,6 +327,56 @@ async fn a_second_signal_during_the_grace_period_stops_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_while_process_groups_are_waited_for_kills_them_and_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = format!("second-signal-{}", std::process::id());
+    // The command and its child ignore SIGTERM, so after shutdown's grace the daemon waits for
+    // kill_grace (60 s) before it SIGKILLs them; the child is out of reach of the parent-death signal.
+    let config = format!(
+        "shutdown_grace = \"100ms\"\n\n[[exec]]\nname = \"stubborn\"\n\
+         command = [\"sh\", \"-c\", \"trap '' TERM; sleep 60 & wait; wait\"]\n\
+         kill_grace = \"60s\"\nenv = {{ BATCHD_TEST_MARK = \"{mark}\" }}\n"
+    );
+    let path = write_config(&dir, &config);
+    let mut daemon = Daemon::serving(&["--config", path.to_str().unwrap()]).await;
+    let call = OpenCall::open_at(daemon.url.clone()).await;
+    call.send(batch("b", vec![job("s", "stubborn", b"", &[])]))
+        .await;
+    wait_until("the command and its child run", LIVENESS, || {
+        marked_running(&mark).len() == 2
+    })
+    .await;
+
+    daemon.signal("TERM");
+    daemon.wait_for_log("waiting for the process groups").await;
+    assert!(
+        daemon.running(),
+        "batchd waits up to kill_grace for the group; stderr:\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        marked_running(&mark).len(),
+        2,
+        "SIGTERM did not stop the group"
+    );
+
+    daemon.signal("TERM");
+    // `exit` gives up after 10 s, far less than the 60 s kill_grace.
+    let exit = daemon.exit().await;
+    assert_eq!(exit.code(), Some(130), "stderr:\n{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("stopping at once"),
+        "{}",
+        daemon.stderr()
+    );
+    wait_until("nothing of the process group runs", LIVENESS, || {
+        marked_running(&mark).is_empty()
+    })
+    .await;
+    drop(call);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_format_writes_one_json_object_per_line() {
     let mut daemon = Daemon::serving(&["--log-format", "json"]).await;
     daemon.signal("TERM");
@@ -313,6 +409,8 @@ async fn json_log_format_writes_one_json_object_per_line() {
         messages.iter().any(|m| m == "serving"),
         "messages: {messages:?}"
     );
+    let admin = admin_addr(&stderr).expect("the admin address, from the JSON log");
+    assert!(admin.port() != 0, "{admin}");
 }
 
 /// A strict JSON parser, just enough to check that log lines are JSON.

@@ -1,5 +1,6 @@
 //! The batchd daemon: flags → config → telemetry → bind → serve until a signal.
 
+use std::convert::Infallible;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -16,6 +17,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit code for a configuration error (EX_CONFIG is 78, but batchd documents EX_USAGE, 64).
 const EXIT_CONFIG: u8 = 64;
+
+/// Exit code when a signal during shutdown stops the daemon at once (128 + SIGINT, as shells do).
+const EXIT_STOPPED: i32 = 130;
 
 /// A gRPC batch-processing daemon: a bounded, fair, cancellable worker pool for job batches.
 #[derive(Debug, Parser)]
@@ -53,20 +57,35 @@ fn config_error(e: &ConfigError) -> ExitCode {
 
 #[tokio::main]
 async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Result<()> {
+    // Installed first and kept to the end: tokio's handler stays installed once a signal is
+    // listened for, so a signal nobody listens for would be swallowed.
+    let mut signals = Signals::install()?;
     // On the runtime: the OTLP exporter's channel lives there.
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
-    let res = serve(config, registry, &reaper, &telemetry).await;
-    // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
-    // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
-    let killed = reaper.shutdown().await;
-    if killed > 0 {
-        tracing::warn!(
-            groups = killed,
-            "process groups still there after kill_grace; sent SIGKILL"
-        );
+    let res = serve(config, registry, &reaper, &telemetry, &mut signals).await;
+    let finish = async {
+        // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
+        // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
+        if reaper.pending_kills() > 0 {
+            tracing::info!(
+                groups = reaper.live_groups(),
+                "waiting for the process groups of stopped jobs (send the signal again to kill them at once)"
+            );
+        }
+        let killed = reaper.shutdown().await;
+        if killed > 0 {
+            tracing::warn!(
+                groups = killed,
+                "process groups still there after kill_grace; sent SIGKILL"
+            );
+        }
+        telemetry.shutdown().await;
+    };
+    tokio::select! {
+        () = finish => res,
+        // Exits inside the future: `finish` is not dropped (dropping the telemetry would flush it).
+        never = signals.stop_at_once(&reaper) => match never {},
     }
-    telemetry.shutdown().await;
-    res
 }
 
 async fn serve(
@@ -74,9 +93,8 @@ async fn serve(
     registry: Registry,
     reaper: &Reaper,
     telemetry: &batchd::telemetry::Telemetry,
+    signals: &mut Signals,
 ) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -90,23 +108,43 @@ async fn serve(
     tokio::pin!(serve);
     tokio::select! {
         res = &mut serve => return res.context("serving"),
-        name = next_signal(&mut term, &mut int) => tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)"),
+        name = signals.next() => tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)"),
     }
     stop.cancel();
     tokio::select! {
         res = &mut serve => res.context("shutting down"),
-        name = next_signal(&mut term, &mut int) => {
-            tracing::warn!(signal = name, "second signal: stopping at once");
-            // No grace for anything now, but no command is left running either.
-            reaper.kill_all();
-            std::process::exit(130);
-        }
+        never = signals.stop_at_once(reaper) => match never {},
     }
 }
 
-async fn next_signal(term: &mut Signal, int: &mut Signal) -> &'static str {
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, listened for from start-up to exit.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT; returns its name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    /// Once shutdown has begun, a signal stops the daemon at once: every exec process group gets
+    /// SIGKILL (no grace, but no command is left running either), then the process exits 130.
+    async fn stop_at_once(&mut self, reaper: &Reaper) -> Infallible {
+        let name = self.next().await;
+        let groups = reaper.kill_all();
+        tracing::warn!(signal = name, groups, "stopping at once");
+        std::process::exit(EXIT_STOPPED);
     }
 }

@@ -105,6 +105,127 @@ fn errors_name_the_field_and_origin() {
     );
 }
 
+fn set(pairs: &[&str]) -> Result<Config, ConfigError> {
+    let flags = Flags {
+        set: pairs.iter().map(|s| s.to_string()).collect(),
+        ..Flags::default()
+    };
+    Config::load(&flags, env(&[]))
+}
+
+fn set_err(pairs: &[&str]) -> String {
+    match set(pairs) {
+        Ok(c) => panic!("{pairs:?} was accepted: {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn counts_are_capped_at_max_count() {
+    for field in [
+        "workers",
+        "session_window",
+        "max_calls",
+        "max_jobs_per_batch",
+    ] {
+        let c = set(&[&format!("{field}={MAX_COUNT}")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(c, Config::default(), "{field} was set");
+        for over in [MAX_COUNT + 1, usize::MAX >> 1] {
+            let msg = set_err(&[&format!("{field}={over}")]);
+            assert_eq!(
+                msg,
+                format!("invalid config: {field}: must be at most 1048576"),
+                "{field}={over}"
+            );
+        }
+    }
+    // The flag takes a usize; the value still gets the range check.
+    let flags = Flags {
+        workers: Some(usize::MAX),
+        ..Flags::default()
+    };
+    let msg = Config::load(&flags, env(&[])).unwrap_err().to_string();
+    assert!(msg.contains("workers: must be at most 1048576"), "{msg}");
+}
+
+#[test]
+fn cpu_workers_are_capped_at_the_blocking_pool() {
+    let c = set(&["cpu_workers=512"]).unwrap();
+    assert_eq!(c.effective_cpu_workers(), 512);
+    // Over tokio's Semaphore::MAX_PERMITS (usize::MAX >> 3) `Semaphore::new` would panic.
+    for over in [513, usize::MAX >> 2] {
+        let msg = set_err(&[&format!("cpu_workers={over}")]);
+        assert!(
+            msg.starts_with("invalid config: cpu_workers: must be at most 512"),
+            "{msg}"
+        );
+    }
+    let cores = Config::default().effective_cpu_workers();
+    assert!((1..=MAX_CPU_WORKERS).contains(&cores), "{cores}");
+}
+
+#[test]
+fn durations_are_capped_at_one_year() {
+    assert_eq!(
+        humantime::format_duration(MAX_DURATION).to_string(),
+        "1year"
+    );
+    // The cap is far from where adding it to an Instant or a Duration overflows.
+    let later = MAX_DURATION * 1000;
+    assert!(std::time::Instant::now().checked_add(later).is_some());
+    assert!(tokio::time::Instant::now().checked_add(later).is_some());
+
+    let fields = [
+        "default_job_timeout",
+        "max_job_timeout",
+        "keepalive_interval",
+        "keepalive_timeout",
+        "shutdown_grace",
+        "trace_flush_timeout",
+    ];
+    let all: Vec<String> = fields.iter().map(|f| format!("{f}=1year")).collect();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let c = set(&all).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.max_job_timeout, MAX_DURATION);
+    assert_eq!(c.trace_flush_timeout, MAX_DURATION);
+
+    for field in fields {
+        // u64::MAX seconds made `Instant + timeout` panic in a job (a bare integer is TOML's i64).
+        for over in [
+            "18446744073709551615s",
+            "9223372036854775807",
+            "1year 1s",
+            "366days",
+        ] {
+            let mut pairs = vec![format!("{field}={over}")];
+            if field == "default_job_timeout" {
+                // So that the only thing wrong is this field's own range.
+                pairs.push(format!("max_job_timeout={over}"));
+            }
+            let pairs: Vec<&str> = pairs.iter().map(String::as_str).collect();
+            let msg = set_err(&pairs);
+            assert_eq!(
+                msg,
+                format!("invalid config: {field}: must be at most 1year"),
+                "{field}={over}"
+            );
+        }
+    }
+}
+
+#[test]
+fn max_output_fits_in_one_grpc_message() {
+    let c = set(&["max_output=4294967295"]).unwrap();
+    assert_eq!(c.max_output, ByteSize(u64::from(u32::MAX)));
+    for over in ["4GiB", "18446744073709551615"] {
+        let msg = set_err(&[&format!("max_output={over}")]);
+        assert_eq!(
+            msg, "invalid config: max_output: must be under 4GiB",
+            "{over}"
+        );
+    }
+}
+
 /// The example in deploy/ documents the defaults; it must not drift from them.
 #[test]
 fn deploy_example_equals_the_defaults() {

@@ -15,7 +15,7 @@ pub use jobline::{parse as parse_line, LineDefaults, LineError, LineJob};
 pub use lines::{Line, LineDecoder};
 pub use progress::Progress;
 pub use record::{ok_ids, outcome_name, LogRecord, ResultRecord};
-pub use run::{run, RunOptions, MAX_LINE};
+pub use run::{run, RunOptions, DEFAULT_MAX_MESSAGE, MAX_LINE};
 
 use crate::proto::batch_service_client::BatchServiceClient;
 use crate::proto::Outcome;

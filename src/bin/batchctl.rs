@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use batchd::client::{self, ClientError, LineDefaults, Progress, RunOptions, Summary};
+use batchd::config::ByteSize;
 use batchd::telemetry::{ClientTelemetry, RunEnd, RunTrace};
 use clap::{CommandFactory, Parser, Subcommand};
 use std::io::IsTerminal;
@@ -61,6 +62,11 @@ struct RunArgs {
     /// Jobs per batch sent to the daemon
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: u32,
+    /// Largest request message (e.g. 4MiB): a batch is sent before it would grow past it, and a job
+    /// too large to fit alone is a bad line. Keep it at most the daemon's max_message_size
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_message,
+          default_value_t = ByteSize(client::DEFAULT_MAX_MESSAGE as u64))]
+    max_message: ByteSize,
     /// Write results in input order (a bounded reorder buffer)
     #[arg(long)]
     ordered: bool,
@@ -275,6 +281,7 @@ async fn run_jobs(
     };
     let opts = RunOptions {
         batch_size: args.batch_size as usize,
+        max_message: args.max_message.as_usize(),
         max_in_flight: args.max_in_flight as usize,
         ordered: args.ordered,
         retry: args.retry,
@@ -362,6 +369,15 @@ async fn run_jobs(
     eprintln!("batchctl: {}", summary.line());
     res?;
     Ok(code_of(&summary))
+}
+
+/// `--max-message`: a size between 1KiB and 4GiB, the bounds of the daemon's `max_message_size`.
+fn parse_max_message(s: &str) -> Result<ByteSize, String> {
+    let size = ByteSize::parse(s)?;
+    if size < ByteSize(1024) || size.0 > u64::from(u32::MAX) {
+        return Err(format!("{s:?} is not between 1KiB and 4GiB"));
+    }
+    Ok(size)
 }
 
 fn code_of(s: &Summary) -> u8 {

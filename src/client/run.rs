@@ -17,6 +17,7 @@ use super::lines::{Line, LineDecoder};
 use super::progress::Progress;
 use super::record::{LogRecord, ResultRecord};
 use super::{ClientError, Summary};
+use crate::config::ByteSize;
 use crate::proto::{
     self, batch_service_client::BatchServiceClient, process_request::Kind, Outcome,
 };
@@ -24,14 +25,26 @@ use crate::telemetry::TraceHeaders;
 
 /// Longest input line read; longer lines are reported and skipped.
 pub const MAX_LINE: usize = 64 * 1024 * 1024;
+/// Default of [`RunOptions::max_message`]: the daemon's default `max_message_size`, so that any job
+/// a default daemon accepts can be sent.
+pub const DEFAULT_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// Field number of `ProcessRequest.batch` (proto/batchd/v1/batchd.proto).
+const BATCH_FIELD: u32 = 1;
+/// Field number of `JobBatch.batch_id`.
+const BATCH_ID_FIELD: u32 = 1;
+/// Field number of `JobBatch.jobs`.
+const JOBS_FIELD: u32 = 2;
 /// Longest pause between retries of a job.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How `run` reads, sends and writes.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Jobs per JobBatch.
+    /// Most jobs per JobBatch.
     pub batch_size: usize,
+    /// Largest encoded request: a batch is sent before it would grow past it, and a job that does
+    /// not fit alone is a bad line. Keep it at or under the daemon's `max_message_size`.
+    pub max_message: usize,
     /// Jobs sent and not yet written out; bounds memory, with `--ordered` too.
     pub max_in_flight: usize,
     /// Write results in input order.
@@ -57,6 +70,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         Self {
             batch_size: 256,
+            max_message: DEFAULT_MAX_MESSAGE,
             max_in_flight: 8192,
             ordered: false,
             retry: 0,
@@ -68,6 +82,14 @@ impl Default for RunOptions {
             trace: None,
         }
     }
+}
+
+/// The batch being filled.
+struct Building {
+    batch_id: String,
+    jobs: Vec<proto::Job>,
+    /// Encoded size of the `JobBatch` so far.
+    body: usize,
 }
 
 /// A job sent and not finished.
@@ -96,20 +118,7 @@ where
     W: AsyncWrite + Unpin,
     L: AsyncWrite + Unpin,
 {
-    let mut state = State {
-        opts,
-        summary: Summary::default(),
-        out: BufWriter::new(output),
-        joblog: joblog.map(BufWriter::new),
-        inflight: HashMap::new(),
-        reorder: BTreeMap::new(),
-        next_seq: 0,
-        next_out: 0,
-        building: None,
-        outgoing: VecDeque::new(),
-        retries: BinaryHeap::new(),
-        started: Instant::now(),
-    };
+    let mut state = State::new(opts, output, joblog);
     let res = state.run(client, input, progress, interrupt).await;
     // Results already received are written even when the run stops early.
     let flushed = state.drain_reorder().await;
@@ -128,18 +137,35 @@ struct State<'a, W, L> {
     reorder: BTreeMap<u64, Vec<u8>>,
     next_seq: u64,
     next_out: u64,
-    building: Option<(String, Vec<proto::Job>)>,
+    building: Option<Building>,
     /// Requests ready to send, with how many new (not retried) jobs each carries.
     outgoing: VecDeque<(proto::ProcessRequest, u64)>,
     retries: BinaryHeap<Reverse<(Instant, u64, String)>>,
     started: Instant,
 }
 
-impl<W, L> State<'_, W, L>
+impl<'a, W, L> State<'a, W, L>
 where
     W: AsyncWrite + Unpin,
     L: AsyncWrite + Unpin,
 {
+    fn new(opts: &'a RunOptions, output: W, joblog: Option<L>) -> Self {
+        Self {
+            opts,
+            summary: Summary::default(),
+            out: BufWriter::new(output),
+            joblog: joblog.map(BufWriter::new),
+            inflight: HashMap::new(),
+            reorder: BTreeMap::new(),
+            next_seq: 0,
+            next_out: 0,
+            building: None,
+            outgoing: VecDeque::new(),
+            retries: BinaryHeap::new(),
+            started: Instant::now(),
+        }
+    }
+
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
         client: &mut BatchServiceClient<Channel>,
@@ -224,7 +250,10 @@ where
                                 self.line(line_no, frame, progress)?;
                             }
                         }
-                        let full = self.building.as_ref().is_some_and(|(_, b)| b.len() >= self.opts.batch_size);
+                        let full = self
+                            .building
+                            .as_ref()
+                            .is_some_and(|b| b.jobs.len() >= self.opts.batch_size);
                         if full || !self.outgoing.is_empty() || self.outstanding() >= self.opts.max_in_flight {
                             break;
                         }
@@ -244,7 +273,7 @@ where
     fn outstanding(&self) -> usize {
         self.inflight.len()
             + self.reorder.len()
-            + self.building.as_ref().map_or(0, |(_, b)| b.len())
+            + self.building.as_ref().map_or(0, |b| b.jobs.len())
     }
 
     fn line(
@@ -282,7 +311,23 @@ where
             };
             return self.bad_line(e, progress);
         }
-        if self.building.as_ref().is_some_and(|(b, _)| *b != job.batch) {
+        // Sizes are exact: what prost will encode, which is what the daemon's limit counts.
+        let entry = prost::encoding::message::encoded_len(JOBS_FIELD, &job.job);
+        let alone = request_len(batch_id_len(&job.batch) + entry);
+        if alone > self.opts.max_message {
+            let e = LineError {
+                line: line_no,
+                reason: format!(
+                    "the job needs a request of {alone} bytes, more than --max-message ({}); skipped",
+                    size_text(self.opts.max_message)
+                ),
+            };
+            return self.bad_line(e, progress);
+        }
+        let fits = |b: &Building| {
+            b.batch_id == job.batch && request_len(b.body + entry) <= self.opts.max_message
+        };
+        if self.building.as_ref().is_some_and(|b| !fits(b)) {
             self.flush_batch();
         }
         let seq = self.next_seq;
@@ -296,10 +341,13 @@ where
                 job: (self.opts.retry > 0).then(|| job.job.clone()),
             },
         );
-        self.building
-            .get_or_insert_with(|| (job.batch, Vec::new()))
-            .1
-            .push(job.job);
+        let building = self.building.get_or_insert_with(|| Building {
+            body: batch_id_len(&job.batch),
+            batch_id: job.batch,
+            jobs: Vec::new(),
+        });
+        building.jobs.push(job.job);
+        building.body += entry;
         Ok(())
     }
 
@@ -313,9 +361,9 @@ where
     }
 
     fn flush_batch(&mut self) {
-        if let Some((batch_id, jobs)) = self.building.take() {
-            let n = jobs.len() as u64;
-            self.outgoing.push_back((batch(batch_id, jobs), n));
+        if let Some(b) = self.building.take() {
+            let n = b.jobs.len() as u64;
+            self.outgoing.push_back((batch(b.batch_id, b.jobs), n));
         }
     }
 
@@ -411,6 +459,33 @@ fn batch(batch_id: String, jobs: Vec<proto::Job>) -> proto::ProcessRequest {
     }
 }
 
+/// `16MiB`, or `1000 bytes` when no unit divides it.
+fn size_text(n: usize) -> String {
+    let text = ByteSize(n as u64).to_string();
+    if text.bytes().all(|c| c.is_ascii_digit()) {
+        format!("{text} bytes")
+    } else {
+        text
+    }
+}
+
+/// Encoded size of a `JobBatch`'s `batch_id` field (absent when empty, as proto3 writes it).
+fn batch_id_len(batch_id: &str) -> usize {
+    match batch_id.len() {
+        0 => 0,
+        n => {
+            prost::encoding::key_len(BATCH_ID_FIELD)
+                + prost::encoding::encoded_len_varint(n as u64)
+                + n
+        }
+    }
+}
+
+/// Encoded size of a `ProcessRequest` holding a `JobBatch` of `body` bytes.
+fn request_len(body: usize) -> usize {
+    prost::encoding::key_len(BATCH_FIELD) + prost::encoding::encoded_len_varint(body as u64) + body
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -422,4 +497,132 @@ async fn reserve(
     tx: Option<&mpsc::Sender<proto::ProcessRequest>>,
 ) -> Option<mpsc::Permit<'_, proto::ProcessRequest>> {
     tx?.reserve().await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn job(id: &str, payload: usize) -> proto::Job {
+        proto::Job {
+            id: id.into(),
+            handler: "echo".into(),
+            payload: vec![b'x'; payload].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn request_sizes_are_what_prost_encodes() {
+        // Payload sizes around the varint steps of the length prefixes (128, 16 Ki, 2 Mi).
+        let sizes = [
+            0,
+            1,
+            100,
+            127,
+            128,
+            16_300,
+            16_384,
+            70 * 1024,
+            2_097_000,
+            2_097_152,
+        ];
+        for batch_id in ["", "b", &"n".repeat(200)] {
+            for n in 0..4 {
+                let jobs: Vec<proto::Job> = sizes
+                    .iter()
+                    .cycle()
+                    .skip(n)
+                    .take(n + 1)
+                    .map(|s| job("i", *s))
+                    .collect();
+                let body = batch_id_len(batch_id)
+                    + jobs
+                        .iter()
+                        .map(|j| prost::encoding::message::encoded_len(JOBS_FIELD, j))
+                        .sum::<usize>();
+                let req = batch(batch_id.into(), jobs);
+                assert_eq!(request_len(body), req.encoded_len(), "{batch_id:?}, {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_read_with_their_unit() {
+        assert_eq!(size_text(16 << 20), "16MiB");
+        assert_eq!(size_text(65_537), "65537 bytes");
+    }
+
+    #[test]
+    fn the_default_fits_a_default_daemon() {
+        let daemon = crate::config::Config::default().max_message_size;
+        assert_eq!(DEFAULT_MAX_MESSAGE, daemon.as_usize());
+    }
+
+    #[test]
+    fn batches_are_cut_to_the_budget_and_a_job_too_big_alone_is_a_bad_line() {
+        let one = batch("b".into(), vec![job("fits", 3000)]).encoded_len();
+        let opts = RunOptions {
+            max_message: one,
+            ..RunOptions::default()
+        };
+        let mut state = State::new(&opts, tokio::io::sink(), None::<tokio::io::Sink>);
+        let mut progress = Progress::new(false);
+        let mut line_no = 0;
+        let mut feed = |state: &mut State<'_, _, _>, id: &str, size: usize| {
+            line_no += 1;
+            let text = format!(
+                r#"{{"id":"{id}","handler":"echo","payload":"{}","batch":"b"}}"#,
+                "x".repeat(size)
+            );
+            state
+                .line(line_no, Ok(Line::Text(text.into())), &mut progress)
+                .unwrap();
+        };
+        for i in 0..20 {
+            feed(&mut state, &format!("s{i}"), 400 + 37 * i);
+        }
+        feed(&mut state, "fits", 3000);
+        feed(&mut state, "over", 3001);
+        feed(&mut state, "last", 10);
+        state.flush_batch();
+
+        assert_eq!(
+            state.summary.bad_lines, 1,
+            "only the job over the budget alone"
+        );
+        let batches: Vec<proto::JobBatch> = state
+            .outgoing
+            .iter()
+            .map(|(req, _)| match &req.kind {
+                Some(Kind::Batch(b)) => b.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        for (i, b) in batches.iter().enumerate() {
+            let len = batch(b.batch_id.clone(), b.jobs.clone()).encoded_len();
+            assert!(len <= one, "batch {i}: {len} > {one}");
+            // Cut only when the next job would not fit.
+            if let Some(next) = batches.get(i + 1).and_then(|n| n.jobs.first()) {
+                let mut with = b.jobs.clone();
+                with.push(next.clone());
+                assert!(
+                    batch(b.batch_id.clone(), with).encoded_len() > one,
+                    "batch {i}"
+                );
+            }
+        }
+        let sent: Vec<&str> = batches
+            .iter()
+            .flat_map(|b| &b.jobs)
+            .map(|j| j.id.as_str())
+            .collect();
+        let mut expected: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+        expected.extend(["fits".into(), "last".into()]);
+        assert_eq!(sent, expected, "input order, the bad line left out");
+        assert!(batches.len() > 2, "{} batches", batches.len());
+        assert!(!state.inflight.contains_key("over"));
+    }
 }

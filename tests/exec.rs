@@ -21,8 +21,8 @@ use batchd::Registry;
 use support::daemon::{write_config, Daemon};
 use support::{batch, cancel, job, outcome, run_batch_on, wait_until, OpenCall, TestServer};
 
-/// Generous deadline for anything that should happen "at once".
-const LIVENESS: Duration = Duration::from_secs(10);
+/// Generous deadline for anything that should happen "at once", even on a busy machine.
+const LIVENESS: Duration = Duration::from_secs(30);
 /// The environment variable that marks a test's processes.
 const MARK: &str = "BATCHD_TEST_MARK";
 const MIB: usize = 1024 * 1024;
@@ -56,11 +56,7 @@ impl Proc {
     }
 
     fn all() -> Vec<Self> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter_map(Self::read)
-            .collect()
+        pids().into_iter().filter_map(Self::read).collect()
     }
 
     /// Still running (a zombie is not).
@@ -79,16 +75,29 @@ impl Proc {
     }
 }
 
+/// The pids in /proc.
+fn pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Running processes whose environment carries `mark`.
+///
+/// The environment is read before the state: a command shows the mark only once it has exec'd, so
+/// the state read after that is from after its fork's child joined its process group (read the
+/// other way round, it can be from before, a race that a busy machine makes likely).
 fn marked(mark: &str) -> Vec<Proc> {
     let needle = format!("{MARK}={mark}\0");
-    Proc::all()
+    pids()
         .into_iter()
-        .filter(|p| p.is_live())
-        .filter(|p| {
-            std::fs::read(format!("/proc/{}/environ", p.pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
                 .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
         })
+        .filter_map(Proc::read)
+        .filter(Proc::is_live)
         .collect()
 }
 
@@ -144,6 +153,22 @@ async fn wait_tree_gone(tree: &[Proc], what: &str) -> Duration {
     let gone = start.elapsed();
     wait_until("the command is reaped", LIVENESS, || tree[0].reaped()).await;
     gone
+}
+
+/// Whether `pid` is a child of this process that exited and was not reaped: batchd spawns commands
+/// from this process, so that is a leader it failed to reap. (A reused pid is not a zombie of ours.)
+fn unreaped_child(pid: i32) -> bool {
+    Proc::read(pid).is_some_and(|p| !p.is_live() && p.ppid == std::process::id() as i32)
+}
+
+/// Waits until the file at `path` has every line of `want`.
+async fn wait_for_lines(path: &std::path::Path, want: &[&str]) {
+    let what = format!("{} has the lines {want:?}", path.display());
+    wait_until(&what, LIVENESS, || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        want.iter().all(|w| text.lines().any(|l| l == *w))
+    })
+    .await;
 }
 
 // === servers and jobs ===
@@ -240,43 +265,114 @@ async fn cancel_jobs_kills_the_tree() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_kill_the_tree() {
+    // Each tree says that it is complete (both sleeps started) in a file of its own, named by its
+    // mark and its leader's pid: the test reads that after the timeout rather than having to catch
+    // the tree running before it, so how soon the test gets to look does not matter.
+    let dir = tempfile::tempdir().unwrap();
+    let tree = format!("sleep 60 & sleep 60 & echo started > \"${MARK}.$$\"; wait");
+    // Long enough for the trees to start even on a loaded machine; the three jobs run at once.
+    let timeout = Duration::from_secs(5);
     let mark = unique_mark("timeout");
-    let job_timeout = spec("tree", &["sh", "-c", "sleep 60 & sleep 60 & wait"], &mark);
+    let mut job_timeout = spec("tree", &["sh", "-c", &tree], &mark);
+    job_timeout.cwd = Some(dir.path().to_owned());
     let mark2 = unique_mark("handler-timeout");
-    let mut own_timeout = spec("slow", &["sh", "-c", "sleep 60 & sleep 60 & wait"], &mark2);
-    // Long enough for the tree to be seen running first, even on a loaded machine.
-    own_timeout.timeout = Duration::from_secs(1);
+    let mut own_timeout = spec("slow", &["sh", "-c", &tree], &mark2);
+    own_timeout.timeout = timeout;
+    own_timeout.cwd = Some(dir.path().to_owned());
     let (server, reaper) = start(vec![job_timeout, own_timeout], |_| {});
 
-    // The job's own timeout: TIMED_OUT.
-    let mut call = server.open_call().await;
-    let j = with_timeout(job("t", "tree", b"", &[]), Duration::from_secs(1));
-    call.send(batch("b", vec![j])).await;
-    let tree = wait_for_tree(&mark, 3).await;
-    let r = call.results(1, LIVENESS).await;
-    assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
-    wait_tree_gone(&tree, "the tree is gone after the job timed out").await;
+    let results = run(
+        &server,
+        vec![
+            // The job's own timeout.
+            with_timeout(job("t", "tree", b"", &[]), timeout),
+            // The handler's timeout is the default of a job that sets none, and the cap of one
+            // that does.
+            job("s", "slow", b"", &[]),
+            with_timeout(job("s2", "slow", b"", &[]), Duration::from_secs(3600)),
+        ],
+    )
+    .await;
+    for id in ["t", "s", "s2"] {
+        let r = &results[id];
+        assert_eq!(outcome(r), Outcome::TimedOut, "{r:?}");
+        assert!(r.error.contains("timed out after 5s"), "{id}: {}", r.error);
+    }
 
-    // The handler's timeout is the default of a job that sets none, and the cap of one that does.
-    call.send(batch("b2", vec![job("s", "slow", b"", &[])]))
-        .await;
-    let tree = wait_for_tree(&mark2, 3).await;
-    let r = call.results(1, LIVENESS).await;
-    assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
-    assert!(r[0].error.contains("timed out after 1s"), "{}", r[0].error);
-    wait_tree_gone(&tree, "the tree is gone after the handler's timeout").await;
-    let j = with_timeout(job("s2", "slow", b"", &[]), Duration::from_secs(3600));
-    call.send(batch("b3", vec![j])).await;
-    let tree = wait_for_tree(&mark2, 3).await;
-    let r = call.results(1, LIVENESS).await;
-    assert_eq!(outcome(&r[0]), Outcome::TimedOut, "{r:?}");
-    assert!(
-        r[0].error.contains("timed out after 1s"),
-        "capped: {}",
-        r[0].error
+    // Every tree ran; now nothing of any runs, and batchd reaped each leader.
+    let leaders = |mark: &str| -> Vec<i32> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_prefix(&format!("{mark}."))?.parse().ok()
+            })
+            .collect()
+    };
+    let (trees, trees2) = (leaders(&mark), leaders(&mark2));
+    assert_eq!(
+        (trees.len(), trees2.len()),
+        (1, 2),
+        "every tree ran before its timeout: {trees:?} {trees2:?}"
     );
-    wait_tree_gone(&tree, "the tree is gone after the handler's timeout").await;
+    wait_until("nothing of the trees runs", LIVENESS, || {
+        marked(&mark).is_empty() && marked(&mark2).is_empty()
+    })
+    .await;
+    wait_until("the leaders are reaped", LIVENESS, || {
+        trees.iter().chain(&trees2).all(|&pid| !unreaped_child(pid))
+    })
+    .await;
     wait_reaper_idle(&reaper).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_ignores_sigterm_gets_it_first_and_runs_on_within_kill_grace() {
+    // With the longest kill_grace, the tree must still run for a minute after the cancel: however
+    // slowly the test gets to look, it sees the tree after SIGTERM and before SIGKILL. The shells of
+    // the tree (the leader and its child) log the SIGTERM they trap; the sleep ignores it.
+    let dir = tempfile::tempdir().unwrap();
+    let mark = unique_mark("patient");
+    // The child shell ignores SIGTERM while it starts the sleep, which goes on ignoring it, then
+    // traps it. Each shell says it is ready once its trap is set.
+    let child = concat!(
+        r#"trap "" TERM; sleep 60 & "#,
+        r#"trap "echo child TERM >> log" TERM; echo child ready >> log; wait; wait"#,
+    );
+    let script = format!(
+        "trap 'echo leader TERM >> log' TERM; sh -c '{child}' & echo leader ready >> log; wait; wait"
+    );
+    let mut s = spec("patient", &["sh", "-c", &script], &mark);
+    s.kill_grace = MAX_KILL_GRACE;
+    s.cwd = Some(dir.path().to_owned());
+    let (server, reaper) = start(vec![s], |_| {});
+    let mut call = server.open_call().await;
+    call.send(batch("b", vec![job("t", "patient", b"", &[])]))
+        .await;
+    let tree = wait_for_tree(&mark, 3).await;
+    let log = dir.path().join("log");
+    wait_for_lines(&log, &["leader ready", "child ready"]).await;
+
+    call.send(cancel("b", &["t"])).await;
+    let r = call.results(1, LIVENESS).await;
+    assert_eq!(outcome(&r[0]), Outcome::Cancelled, "{r:?}");
+    // SIGTERM reached the group when the job ended; nothing of the tree dies of it, and SIGKILL
+    // waits for kill_grace.
+    wait_for_lines(&log, &["leader TERM", "child TERM"]).await;
+    assert!(
+        tree.iter().all(Proc::still_live),
+        "the tree outlives SIGTERM and kill_grace has not passed: {tree:?}"
+    );
+    assert_eq!(
+        (reaper.live_groups(), reaper.pending_kills()),
+        (1, 1),
+        "the group's kill task waits out kill_grace"
+    );
+
+    // Rather than wait a minute: SIGKILL to every group at once.
+    assert_eq!(reaper.kill_all(), 1);
+    wait_tree_gone(&tree, "the tree is gone after kill_all").await;
+    assert_eq!(reaper.live_groups(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,11 +395,9 @@ async fn a_command_that_ignores_sigterm_is_sigkilled_after_kill_grace() {
     call.send(cancel("b", &["t"])).await;
     let r = call.results(1, LIVENESS).await;
     assert_eq!(outcome(&r[0]), Outcome::Cancelled, "{r:?}");
-    // SIGTERM was sent when the job ended; it is ignored, and SIGKILL waits for the grace.
-    assert!(
-        tree.iter().all(Proc::still_live),
-        "the tree ignores SIGTERM, so it still runs within kill_grace"
-    );
+    // The tree ignores SIGTERM (the test above sees it arrive), so only SIGKILL ends it, and that
+    // comes after kill_grace: the tree lives at least that long after the cancel. A slow machine
+    // can only make what this measures longer.
     wait_tree_gone(&tree, "the tree is SIGKILLed after kill_grace").await;
     let took = cancelled_at.elapsed();
     assert!(

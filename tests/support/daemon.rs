@@ -12,7 +12,7 @@ use batchd::proto::batch_service_client::BatchServiceClient;
 use super::wait_until;
 
 /// Generous deadline for a daemon to start, log or exit.
-const LIVENESS: Duration = Duration::from_secs(10);
+const LIVENESS: Duration = Duration::from_secs(30);
 
 /// Writes `text` as `batchd.toml` in `dir`; returns its path for `--config`.
 pub fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {

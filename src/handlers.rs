@@ -67,6 +67,12 @@ pub trait Handler: Send + Sync + 'static {
         None
     }
 
+    /// Runs the job at once when it needs neither waiting nor a [`JobContext`] (echo, small
+    /// hashes), saving the job's future and context; `Err` gives the input back for [`Handler::run`].
+    fn run_now(&self, input: JobInput) -> Result<Result<Bytes, HandlerError>, JobInput> {
+        Err(input)
+    }
+
     /// Runs the job to completion. (`Arc<Self>` lets the future own its handler: one allocation
     /// per job instead of two.)
     async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError>;

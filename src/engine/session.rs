@@ -293,8 +293,9 @@ where
 
     /// Starts up to `n` queued jobs on freshly granted slots; gives back the slots it cannot use.
     ///
-    /// Each handler is polled once right away: a job that finishes on that poll (echo, a small hash,
-    /// a handler that fails fast) is recorded at once and never becomes a future to track.
+    /// A handler that can run the job at once ([`Handler::run_now`]) does; any other is polled once
+    /// right away: a job that finishes on that poll (a handler that fails fast) is recorded at once
+    /// and never becomes a future to track.
     fn start(&mut self, mut n: usize) {
         let now = Instant::now();
         let max_output = self.engine.limits.max_output;
@@ -321,21 +322,26 @@ where
                 }
             };
             n -= 1;
-            let ctx = JobContext::new(self.engine.cpu.clone(), span);
             let input = JobInput {
                 payload: q.payload,
                 params: q.params,
             };
-            let mut work = Arc::clone(&q.handler).run(input, ctx);
-            match (&mut work).now_or_never() {
-                Some(res) => {
-                    done += usize::from(self.finished(conclude(q.id, res, max_output), now));
+            let res = match q.handler.run_now(input) {
+                Ok(res) => res,
+                Err(input) => {
+                    let ctx = JobContext::new(self.engine.cpu.clone(), span);
+                    let mut work = q.handler.run(input, ctx);
+                    match (&mut work).now_or_never() {
+                        Some(res) => res,
+                        None => {
+                            let job = RunningJob::new(q.id, work, now, q.timeout, max_output);
+                            self.running.push(job);
+                            continue;
+                        }
+                    }
                 }
-                None => {
-                    let job = RunningJob::new(q.id, work, now, q.timeout, max_output);
-                    self.running.push(job);
-                }
-            }
+            };
+            done += usize::from(self.finished(conclude(q.id, res, max_output), now));
         }
         if self.queue.is_empty() {
             // An idle call keeps no queue memory; admission reserves again per batch.

@@ -74,6 +74,10 @@ impl Handler for Echo {
         no_params(params)
     }
 
+    fn run_now(&self, input: JobInput) -> Result<Result<Bytes, HandlerError>, JobInput> {
+        Ok(Ok(input.payload))
+    }
+
     async fn run(
         self: Arc<Self>,
         input: JobInput,
@@ -112,6 +116,15 @@ impl Handler for Sha256 {
 
     fn check(&self, params: &Params) -> Result<(), String> {
         no_params(params)
+    }
+
+    fn run_now(&self, input: JobInput) -> Result<Result<Bytes, HandlerError>, JobInput> {
+        match input.payload.len() < SHA256_INLINE_MAX {
+            true => Ok(Ok(Bytes::copy_from_slice(&sha2::Sha256::digest(
+                &input.payload,
+            )))),
+            false => Err(input),
+        }
     }
 
     async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
@@ -198,6 +211,26 @@ mod tests {
             [0xba, 0x78, 0x16, 0xbf],
             "SHA-256(\"abc\") starts ba7816bf"
         );
+    }
+
+    #[tokio::test]
+    async fn run_now_gives_what_run_gives_or_hands_the_input_back() {
+        let now = Echo.run_now(input(b"abc", &[])).unwrap().unwrap();
+        assert_eq!(now, Bytes::from_static(b"abc"));
+        let now = Sha256.run_now(input(b"abc", &[])).unwrap().unwrap();
+        let later = Arc::new(Sha256).run(input(b"abc", &[]), ctx().1).await;
+        assert_eq!(now, later.unwrap());
+        let big = Bytes::from(vec![0u8; SHA256_INLINE_MAX]);
+        let back = Sha256.run_now(JobInput {
+            payload: big.clone(),
+            params: Params::new(),
+        });
+        assert_eq!(
+            back.map(drop).unwrap_err().payload,
+            big,
+            "large payloads go to the CPU pool"
+        );
+        assert!(Sleep.run_now(input(b"", &[])).is_err());
     }
 
     #[test]

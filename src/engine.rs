@@ -307,7 +307,9 @@ impl Stream for ResultStream {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        self.rx
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.unwrap_or_else(|outbox::Abandoned| Err(Error::Abandoned))))
     }
 }
 

@@ -32,6 +32,9 @@ pub enum Error {
     /// The reflection service could not be built from the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A call's session ended without saying how (a bug in batchd, e.g. a panic).
+    #[error("the call's session ended unexpectedly; jobs without a result were stopped")]
+    Abandoned,
     /// An I/O error at start-up.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -45,7 +48,9 @@ impl From<Error> for Status {
             Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Inbound(status) => return status.clone(),
-            Error::Transport(_) | Error::Reflection(_) | Error::Io(_) => Code::Internal,
+            Error::Abandoned | Error::Transport(_) | Error::Reflection(_) | Error::Io(_) => {
+                Code::Internal
+            }
         };
         Status::new(code, e.to_string())
     }

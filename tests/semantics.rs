@@ -691,6 +691,38 @@ async fn queued_and_ran_are_set_for_every_admitted_job() {
 
 // === call-level statuses ===
 
+/// The status that ends a call reaches a client that was not reading when the call ended: it comes
+/// after the results the daemon had handed over, never instead of them, never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_reaches_a_client_that_was_not_reading() {
+    let server = TestServer::start(|_| {});
+    let mut client = server.client_with_limit(64 << 20).await;
+    let mut call = OpenCall::open_request(&mut client, |r| {
+        r.set_timeout(Duration::from_secs(1));
+    })
+    .await;
+    // 36 MiB of echo results in response messages of at most 4 MiB: far more than the HTTP/2
+    // windows and the transport's buffers take, so one waits in the call's outbox, and more in the
+    // session, while the client does not read.
+    for b in 0..3 {
+        let echoes = (0..384)
+            .map(|i| job(&format!("e{b}-{i}"), "echo", &[b'x'; 32 * 1024], &[]))
+            .collect();
+        call.send(batch(&format!("echo{b}"), echoes)).await;
+    }
+    call.send(batch("hold", vec![sleep_job("s", 60_000)])).await;
+    wait_until("the deadline ends the call's session", WAIT, || {
+        server.stats().calls_open == 0
+    })
+    .await;
+    let (results, _) = call.finish_err(Code::DeadlineExceeded, WAIT).await;
+    assert!(
+        results.iter().all(|r| r.job_id.starts_with('e')),
+        "only echo results: {}",
+        results.len()
+    );
+}
+
 #[tokio::test]
 async fn call_deadline_stops_every_job() {
     let server = TestServer::start(|c| c.workers = 2);

@@ -2,6 +2,8 @@
 //!
 //! It holds at most one message, so results waiting for a slow reader coalesce in the session rather
 //! than queue here, and it costs a few dozen bytes per call where a general channel costs a block.
+//! The session's last word (the status that ends the call) has a place of its own, so it is never
+//! lost to a full slot; a session that goes without saying it shows as [`Abandoned`].
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -12,6 +14,10 @@ struct Shared<T> {
 
 struct State<T> {
     slot: Option<T>,
+    /// The item that ends the stream, delivered after the slot.
+    last: Option<T>,
+    /// The sender said its last word ([`Sender::close`]).
+    closed: bool,
     sender_alive: bool,
     receiver_alive: bool,
     sender_waker: Option<Waker>,
@@ -34,11 +40,17 @@ impl<T> std::fmt::Debug for Receiver<T> {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Closed;
 
+/// The sender went away without closing: the stream ended abnormally (a bug, e.g. a panic).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Abandoned;
+
 /// A connected sender and receiver.
 pub(super) fn outbox<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             slot: None,
+            last: None,
+            closed: false,
             sender_alive: true,
             receiver_alive: true,
             sender_waker: None,
@@ -92,6 +104,20 @@ impl<T> Sender<T> {
             w.wake();
         }
     }
+
+    /// Ends the stream after what the slot holds, with `last` as its final item if given; never
+    /// waits (the final item has a place of its own).
+    pub(super) fn close(&self, last: Option<T>) {
+        let waker = {
+            let mut s = self.0.lock();
+            s.last = last;
+            s.closed = true;
+            s.receiver_waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
 }
 
 impl<T> Drop for Sender<T> {
@@ -108,13 +134,18 @@ impl<T> Drop for Sender<T> {
 }
 
 impl<T> Receiver<T> {
-    /// The next item; `None` once the sender is gone and the slot is empty.
-    pub(super) fn poll_recv(&self, cx: &Context<'_>) -> Poll<Option<T>> {
+    /// The next item; then the last one; `None` once the sender closed and both are taken, or
+    /// `Abandoned` (once) if the sender went away without closing.
+    pub(super) fn poll_recv(&self, cx: &Context<'_>) -> Poll<Option<Result<T, Abandoned>>> {
         let (item, waker) = {
             let mut s = self.0.lock();
             match s.slot.take() {
                 Some(item) => (item, s.sender_waker.take()),
-                None if !s.sender_alive => return Poll::Ready(None),
+                None if s.closed => return Poll::Ready(s.last.take().map(Ok)),
+                None if !s.sender_alive => {
+                    s.closed = true;
+                    return Poll::Ready(Some(Err(Abandoned)));
+                }
                 None => {
                     park(&mut s.receiver_waker, cx);
                     return Poll::Pending;
@@ -124,7 +155,7 @@ impl<T> Receiver<T> {
         if let Some(w) = waker {
             w.wake();
         }
-        Poll::Ready(Some(item))
+        Poll::Ready(Some(Ok(item)))
     }
 }
 
@@ -133,7 +164,7 @@ impl<T> Drop for Receiver<T> {
         let (waker, item) = {
             let mut s = self.0.lock();
             s.receiver_alive = false;
-            (s.sender_waker.take(), s.slot.take())
+            (s.sender_waker.take(), (s.slot.take(), s.last.take()))
         };
         drop(item);
         if let Some(w) = waker {
@@ -156,21 +187,41 @@ mod tests {
         assert_eq!(tx.poll_ready(&cx()), Poll::Ready(Ok(())));
         tx.send(1);
         assert_eq!(tx.poll_ready(&cx()), Poll::Pending, "the slot is full");
-        assert_eq!(rx.poll_recv(&cx()), Poll::Ready(Some(1)));
+        assert_eq!(rx.poll_recv(&cx()), Poll::Ready(Some(Ok(1))));
         assert_eq!(rx.poll_recv(&cx()), Poll::Pending);
         assert_eq!(tx.poll_ready(&cx()), Poll::Ready(Ok(())));
     }
 
     #[test]
-    fn ends_when_either_side_goes() {
+    fn the_last_item_comes_after_a_full_slot() {
         let (tx, rx) = outbox();
-        tx.send("last");
+        tx.send("results");
+        tx.close(Some("status"));
+        drop(tx);
+        assert_eq!(rx.poll_recv(&cx()), Poll::Ready(Some(Ok("results"))));
+        assert_eq!(rx.poll_recv(&cx()), Poll::Ready(Some(Ok("status"))));
+        assert_eq!(rx.poll_recv(&cx()), Poll::Ready(None));
+
+        let (tx, rx) = outbox::<u8>();
+        tx.close(None);
+        assert_eq!(
+            rx.poll_recv(&cx()),
+            Poll::Ready(None),
+            "closed without a word"
+        );
+    }
+
+    #[test]
+    fn a_sender_gone_without_closing_is_abandoned() {
+        let (tx, rx) = outbox();
+        tx.send("kept");
         drop(tx);
         assert_eq!(
             rx.poll_recv(&cx()),
-            Poll::Ready(Some("last")),
+            Poll::Ready(Some(Ok("kept"))),
             "an item sent before the end is kept"
         );
+        assert_eq!(rx.poll_recv(&cx()), Poll::Ready(Some(Err(Abandoned))));
         assert_eq!(rx.poll_recv(&cx()), Poll::Ready(None));
 
         let (tx, rx) = outbox::<u8>();

@@ -181,7 +181,7 @@ where
         let detected = Instant::now();
         let held = !self.jobs.is_empty();
         match end {
-            End::Ok => {}
+            End::Ok => self.out.close(None),
             End::Gone => {
                 self.stop_all(reason.label());
                 let from = self.dropped_at.get().copied().unwrap_or(detected);
@@ -196,9 +196,8 @@ where
                     _ => detected,
                 };
                 self.observe_cancel(held, reason, from);
-                if let Ok(Ok(())) = tokio::time::timeout(FINAL_FLUSH, self.out.ready()).await {
-                    self.out.send(Err(e));
-                }
+                // After the message the transport may still hold: a full slot never loses it.
+                self.out.close(Some(Err(e)));
             }
         }
         if self.trace.is_sampled() {

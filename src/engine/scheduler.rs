@@ -20,6 +20,9 @@ struct State {
     free: usize,
     /// Lanes waiting for a slot, in turn order; each lane appears at most once.
     ring: VecDeque<u64>,
+    /// Entries of `ring` whose lane was dropped: skipped when their turn comes, swept out when they
+    /// are the larger part, so calls that come and go while every slot is busy cannot grow it.
+    dead: usize,
     lanes: HashMap<u64, LaneState>,
     next_id: u64,
 }
@@ -52,6 +55,7 @@ impl Scheduler {
             state: Mutex::new(State {
                 free: slots,
                 ring: VecDeque::new(),
+                dead: 0,
                 lanes: HashMap::new(),
                 next_id: 0,
             }),
@@ -83,6 +87,22 @@ impl Scheduler {
 }
 
 impl State {
+    /// Forgets the lane `id`; returns the slots it had been granted.
+    fn remove(&mut self, id: u64) -> usize {
+        let Some(lane) = self.lanes.remove(&id) else {
+            return 0;
+        };
+        if lane.in_ring {
+            self.dead += 1;
+            if self.dead > 64 && self.dead * 2 > self.ring.len() {
+                let lanes = &self.lanes;
+                self.ring.retain(|id| lanes.contains_key(id));
+                self.dead = 0;
+            }
+        }
+        lane.granted
+    }
+
     /// Hands `n` freed slots to waiting lanes in turn; returns the wakers to call after unlocking.
     fn give(&mut self, mut n: usize, wake: &mut Vec<Waker>) {
         while n > 0 {
@@ -91,7 +111,8 @@ impl State {
                 return;
             };
             let Some(lane) = self.lanes.get_mut(&id) else {
-                continue; // dropped lane: its entry is skipped lazily
+                self.dead = self.dead.saturating_sub(1);
+                continue;
             };
             if lane.wants == 0 {
                 lane.in_ring = false;
@@ -204,7 +225,7 @@ impl Drop for Lane {
         let mut wake = Vec::new();
         {
             let mut state = self.scheduler.lock();
-            let granted = state.lanes.remove(&self.id).map_or(0, |l| l.granted);
+            let granted = state.remove(self.id);
             state.give(self.held + granted, &mut wake);
         }
         wake.into_iter().for_each(Waker::wake);
@@ -228,6 +249,27 @@ mod tests {
         assert_eq!(s.free(), 0);
         a.release(1);
         assert_eq!(a.take(), 1, "a freed slot goes to the lane still waiting");
+    }
+
+    #[test]
+    fn calls_that_come_and_go_while_every_slot_is_busy_do_not_grow_the_ring() {
+        let s = Scheduler::new(1);
+        let mut busy = s.lane();
+        busy.want(1);
+        assert_eq!(busy.take(), 1);
+        for _ in 0..10_000 {
+            let mut gone = s.lane();
+            gone.want(3);
+        }
+        let ring = s.lock().ring.len();
+        assert!(
+            ring <= 130,
+            "the ring holds {ring} entries of dropped lanes"
+        );
+        let mut waiting = s.lane();
+        waiting.want(1);
+        busy.release(1);
+        assert_eq!(waiting.take(), 1, "a live lane still gets its turn");
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct Config {
     /// Admitted jobs per call whose result is not sent yet; beyond it the call's stream is not read
     /// (at most [`MAX_COUNT`]).
     pub session_window: usize,
+    /// Bytes per call held in admitted jobs (payload, id, params) and in results not sent yet;
+    /// beyond it the call's stream is not read (a call holding nothing always takes one more job).
+    pub session_bytes: ByteSize,
     /// Calls open at once; more are refused with RESOURCE_EXHAUSTED (at most [`MAX_COUNT`]).
     pub max_calls: usize,
     /// Largest request message accepted; larger ends the call with RESOURCE_EXHAUSTED.
@@ -169,6 +172,7 @@ impl Default for Config {
             workers: 256,
             cpu_workers: 0,
             session_window: 1024,
+            session_bytes: ByteSize::mib(64),
             max_calls: 10_000,
             max_message_size: ByteSize::mib(16),
             max_jobs_per_batch: 10_000,
@@ -310,6 +314,9 @@ impl Config {
         }
         if self.max_message_size < ByteSize(1024) || self.max_message_size.0 > u64::from(u32::MAX) {
             return invalid("max_message_size", "must be between 1KiB and 4GiB");
+        }
+        if self.session_bytes < ByteSize(64 * 1024) {
+            return invalid("session_bytes", "must be at least 64KiB");
         }
         if self.max_payload > self.max_message_size {
             return invalid("max_payload", "must not be larger than max_message_size");

@@ -43,6 +43,8 @@ pub struct Limits {
     pub cpu_workers: usize,
     /// Admitted jobs whose result is not yet sent, per call.
     pub session_window: usize,
+    /// Bytes held in admitted jobs and unsent results, per call.
+    pub session_bytes: usize,
     /// Calls open at once.
     pub max_calls: usize,
     /// Jobs in one batch.
@@ -137,6 +139,7 @@ impl From<&Config> for Limits {
             workers: c.workers,
             cpu_workers: c.effective_cpu_workers(),
             session_window: c.session_window,
+            session_bytes: usize::try_from(c.session_bytes.0).unwrap_or(usize::MAX),
             max_calls: c.max_calls,
             max_jobs_per_batch: c.max_jobs_per_batch,
             max_payload: c.max_payload.as_usize(),

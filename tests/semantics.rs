@@ -691,6 +691,55 @@ async fn queued_and_ran_are_set_for_every_admitted_job() {
 
 // === call-level statuses ===
 
+/// A call holds at most `session_bytes` of payloads (plus one job): beyond it the daemon stops
+/// reading the call's stream, whatever room `session_window` has left, and HTTP/2 flow control
+/// holds the client back; as jobs finish, reading resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_holds_at_most_session_bytes_of_payloads() {
+    let (server, gate) = gated_server(|c| {
+        c.workers = 1;
+        c.session_bytes = ByteSize::mib(1);
+    });
+    let mut call = server.open_call().await;
+    call.send(batch("hold", vec![job("hold", "gate", b"", &[])]))
+        .await;
+    wait_until("the gated job holds the only worker", WAIT, || {
+        server.stats().jobs_running == 1
+    })
+    .await;
+    // 40 echo jobs of 256 KiB, one per message: 10 MiB, more than the client's channel (16 messages)
+    // and the HTTP/2 windows take.
+    let tx = call.tx.clone().unwrap();
+    let sender = tokio::spawn(async move {
+        for i in 0..40 {
+            let job = echo_job(&format!("e{i}"), &[b'x'; 256 * 1024]);
+            if tx.send(batch(&format!("b{i}"), vec![job])).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Four queued echoes make 1 MiB: the session stops there.
+    wait_until("four echoes are admitted", WAIT, || {
+        server.stats().jobs_admitted >= 5
+    })
+    .await;
+    // Not a synchronisation: the bound must hold however long one watches.
+    for _ in 0..20 {
+        let s = server.stats();
+        assert_eq!(s.jobs_admitted, 5, "no job past the byte budget: {s:?}");
+        assert!(!sender.is_finished(), "the client is held back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Jobs finish, bytes free up, reading resumes until every job ran.
+    gate.add_permits(1);
+    let results = call.results(41, WAIT).await;
+    sender.await.unwrap();
+    call.half_close();
+    call.finish_ok(WAIT).await;
+    let ok = results.iter().filter(|r| outcome(r) == Outcome::Ok).count();
+    assert_eq!(ok, 41, "every job ran once the budget had room");
+}
+
 /// The status that ends a call reaches a client that was not reading when the call ended: it comes
 /// after the results the daemon had handed over, never instead of them, never lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

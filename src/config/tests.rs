@@ -226,6 +226,14 @@ fn max_output_fits_in_one_grpc_message() {
     }
 }
 
+#[test]
+fn session_bytes_has_a_floor() {
+    let c = set(&["session_bytes=64KiB"]).unwrap();
+    assert_eq!(c.session_bytes, ByteSize(64 * 1024));
+    let msg = set_err(&["session_bytes=1KiB"]);
+    assert_eq!(msg, "invalid config: session_bytes: must be at least 64KiB");
+}
+
 /// The example in deploy/ documents the defaults; it must not drift from them.
 #[test]
 fn deploy_example_equals_the_defaults() {

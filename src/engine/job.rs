@@ -22,6 +22,15 @@ pub struct JobRequest {
     pub timeout: Option<Duration>,
 }
 
+impl JobRequest {
+    /// The bytes this job holds while admitted, for the call's byte budget.
+    pub(crate) fn held_size(&self) -> usize {
+        let params: usize = self.params.iter().map(|(k, v)| k.len() + v.len()).sum();
+        // A few dozen bytes of bookkeeping besides the strings and the payload.
+        64 + self.id.len() + self.handler.len() + self.payload.len() + params
+    }
+}
+
 /// What a client asks of its call.
 #[derive(Debug, Clone)]
 pub enum Command {

@@ -56,6 +56,8 @@ pub(super) struct Session<S> {
     stale: usize,
     /// Every unfinished job by id.
     jobs: Jobs,
+    /// Bytes held in unfinished jobs' inputs and in `ready`'s results (bounded by `session_bytes`).
+    held_bytes: usize,
     running: FuturesUnordered<RunningJob>,
     /// Results waiting for the transport.
     ready: VecDeque<JobResult>,
@@ -97,6 +99,8 @@ struct Slot {
     running: Option<Instant>,
     /// The handler's row in the metrics.
     handler_row: usize,
+    /// What the job's input counts in `held_bytes`.
+    bytes: usize,
     /// The job's span, when the call is sampled.
     span: JobSpan,
 }
@@ -149,6 +153,7 @@ where
             queue: VecDeque::new(),
             stale: 0,
             jobs: Jobs::default(),
+            held_bytes: 0,
             running: FuturesUnordered::new(),
             ready: VecDeque::new(),
             out,
@@ -242,7 +247,7 @@ where
                     End::Status(Error::ShuttingDown)
                 };
             }
-            let can_read = self.reading && self.pending.is_none() && self.held() < self.window();
+            let can_read = self.reading && self.pending.is_none() && self.has_room();
             let stalled = self.reading && !can_read;
             if stalled && !self.stalled {
                 Counters::add(&self.engine.stats.backpressure, 1);
@@ -288,6 +293,12 @@ where
     /// Jobs admitted and not finished, plus results not handed to the transport.
     fn held(&self) -> usize {
         self.jobs.len() + self.ready.len()
+    }
+
+    /// Whether the call may take another job: under its window and its byte budget (a call that
+    /// holds nothing always may, so one job of any admissible size gets through).
+    fn has_room(&self) -> bool {
+        self.held() < self.window() && self.held_bytes < self.engine.limits.session_bytes
     }
 
     /// Starts up to `n` queued jobs on freshly granted slots; gives back the slots it cannot use.
@@ -365,6 +376,7 @@ where
         let Some(slot) = self.jobs.remove(&done.id) else {
             return false;
         };
+        self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
         self.gauges.running(slot.handler_row, -1);
         let started = slot.running.unwrap_or(now);
         self.engine
@@ -400,6 +412,7 @@ impl<S> Session<S> {
         Counters::add(&stats.results_buffered, 1);
         self.count(row, result.outcome, 1);
         span.end(&result, cancelled_by);
+        self.held_bytes = self.held_bytes.saturating_add(result.wire_size());
         self.ready.push_back(result);
     }
 
@@ -408,12 +421,14 @@ impl<S> Session<S> {
         let mut size = 0;
         let mut n = 0;
         for r in &self.ready {
-            size += r.wire_size();
-            if n > 0 && size > MAX_RESPONSE_BYTES {
+            let bytes = r.wire_size();
+            if n > 0 && size + bytes > MAX_RESPONSE_BYTES {
                 break;
             }
+            size += bytes;
             n += 1;
         }
+        self.held_bytes = self.held_bytes.saturating_sub(size);
         let stats = &self.engine.stats;
         Counters::sub(&stats.results_buffered, n);
         stats.coalesced.observe(n as u64);

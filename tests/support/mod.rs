@@ -382,3 +382,35 @@ pub fn by_id(results: Vec<proto::JobResult>) -> HashMap<String, proto::JobResult
 pub fn outcome(r: &proto::JobResult) -> proto::Outcome {
     proto::Outcome::try_from(r.outcome).unwrap()
 }
+
+/// A handler that waits until the test adds a permit to its gate, then returns the payload.
+pub struct Gate(pub std::sync::Arc<tokio::sync::Semaphore>);
+
+#[async_trait::async_trait]
+impl batchd::handlers::Handler for Gate {
+    fn description(&self) -> &str {
+        "test: waits until the test opens the gate, then returns the payload"
+    }
+
+    async fn run(
+        self: std::sync::Arc<Self>,
+        input: batchd::handlers::JobInput,
+        _ctx: batchd::handlers::JobContext,
+    ) -> Result<bytes::Bytes, batchd::handlers::HandlerError> {
+        if let Ok(permit) = self.0.acquire().await {
+            permit.forget();
+        }
+        Ok(input.payload)
+    }
+}
+
+/// A server with the builtin handlers and `gate` (closed until the test adds permits), configured
+/// by `edit`.
+pub fn gated_server(
+    edit: impl FnOnce(&mut Config),
+) -> (TestServer, std::sync::Arc<tokio::sync::Semaphore>) {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut registry = Registry::builtin();
+    registry.register("gate", Gate(std::sync::Arc::clone(&gate)));
+    (TestServer::start_with(edit, registry), gate)
+}

@@ -71,7 +71,7 @@ where
         // Jobs admitted together share one clock reading.
         let now = Instant::now();
         let mut admitted = 0;
-        while self.held() < self.window() {
+        while self.has_room() {
             let Some(job) = jobs.next() else {
                 break;
             };
@@ -97,6 +97,7 @@ where
         batch_span: &tracing::Span,
     ) -> bool {
         let checked = self.check(&job);
+        let bytes = job.held_size();
         let row = match &checked {
             Ok((row, _, _)) => *row,
             Err(_) => self.row_of(&job.handler),
@@ -133,8 +134,10 @@ where
                     admitted: now,
                     running: None,
                     handler_row: row,
+                    bytes,
                     span,
                 });
+                self.held_bytes = self.held_bytes.saturating_add(bytes);
                 self.gauges.queued(row, 1);
                 self.gauges.admitted(row, 1);
                 self.queue.push_back(Queued {
@@ -206,6 +209,7 @@ where
         let Some((id, slot)) = self.jobs.remove_entry(id) else {
             return false;
         };
+        self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
         self.gauges.queued(slot.handler_row, -1);
         self.lane.unwant(1);
         self.stale += 1;

@@ -58,6 +58,9 @@ impl<S> Session<S> {
         let from = self.engine.cancelled_at.get().copied().unwrap_or(now);
         self.observe_cancel(!self.jobs.is_empty(), EndReason::Shutdown, from);
         let jobs: Vec<_> = self.jobs.drain().collect();
+        for (_, slot) in &jobs {
+            self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
+        }
         for (id, slot) in jobs {
             let (queued, ran) = match slot.running {
                 Some(started) => {
@@ -107,6 +110,9 @@ impl<S> Session<S> {
         let engine = Arc::clone(&self.engine);
         let stats = &engine.stats;
         let jobs = std::mem::take(&mut self.jobs);
+        for slot in jobs.values() {
+            self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
+        }
         for (_, slot) in jobs {
             match slot.running {
                 Some(_) => self.gauges.running(slot.handler_row, -1),

@@ -25,7 +25,7 @@ pub struct Sleep;
 #[derive(Debug, Clone, Copy)]
 pub struct Sha256;
 
-/// Burns CPU for `params.ms` milliseconds on the CPU pool, checking for cancellation every millisecond.
+/// Burns CPU for `params.ms` milliseconds on the CPU pool, checking for cancellation every 0.2 ms.
 #[derive(Debug, Clone, Copy)]
 pub struct Spin;
 
@@ -36,9 +36,13 @@ fn millis(params: &Params) -> Result<u64, String> {
     };
     match raw.trim().parse::<u64>() {
         Ok(ms) if ms <= MAX_MS => Ok(ms),
-        Ok(_) => Err(format!("param ms: {raw} is over the limit of {MAX_MS}")),
+        Ok(_) => Err(format!(
+            "param ms: {} is over the limit of {MAX_MS}",
+            quote(raw)
+        )),
         Err(_) => Err(format!(
-            "param ms: {raw:?} is not a whole number of milliseconds"
+            "param ms: {} is not a whole number of milliseconds",
+            quote(raw)
         )),
     }
 }
@@ -47,7 +51,8 @@ fn millis(params: &Params) -> Result<u64, String> {
 fn only_ms(params: &Params) -> Result<u64, String> {
     if let Some(other) = params.keys().find(|k| k.as_str() != "ms") {
         return Err(format!(
-            "unknown param {other:?} (this handler takes only ms)"
+            "unknown param {} (this handler takes only ms)",
+            quote(other)
         ));
     }
     millis(params)
@@ -141,7 +146,7 @@ impl Handler for Sha256 {
 impl Handler for Spin {
     fn description(&self) -> &str {
         "Burns CPU for params.ms milliseconds (default 0) on the CPU pool, then returns the payload. \
-         Checks for cancellation every millisecond."
+         Checks for cancellation every 0.2 ms."
     }
 
     fn check(&self, params: &Params) -> Result<(), String> {
@@ -231,6 +236,20 @@ mod tests {
             "large payloads go to the CPU pool"
         );
         assert!(Sleep.run_now(input(b"", &[])).is_err());
+    }
+
+    #[test]
+    fn rejections_quote_client_strings_briefly() {
+        let huge = "\u{1}".repeat(1 << 20);
+        let padded = format!("{}99999999999", " ".repeat(1 << 20));
+        for params in [
+            [(huge.as_str(), "1")],
+            [("ms", huge.as_str())],
+            [("ms", padded.as_str())],
+        ] {
+            let err = Sleep.check(&input(b"", &params).params).unwrap_err();
+            assert!(err.len() < 1024, "{} bytes", err.len());
+        }
     }
 
     #[test]

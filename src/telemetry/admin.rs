@@ -29,6 +29,16 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves the admin endpoints for `engine` on `listener` until `stop` completes.
 pub async fn serve(listener: TcpListener, engine: Engine, stop: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    serve_limited(listener, engine, stop, permits).await;
+}
+
+/// [`serve`], holding one of `permits` per open connection.
+async fn serve_limited(
+    listener: TcpListener,
+    engine: Engine,
+    stop: impl Future<Output = ()>,
+    permits: Arc<Semaphore>,
+) {
     let mut connections = JoinSet::new();
     tokio::pin!(stop);
     loop {
@@ -99,4 +109,66 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::Limits;
+    use crate::handlers::Registry;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    async fn get(stream: &mut TcpStream) -> std::io::Result<String> {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: batchd\r\n\r\n")
+            .await?;
+        let mut buf = vec![0; 1024];
+        let n = stream.read(&mut buf).await?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_the_limit_wait_for_a_free_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let engine = Engine::new(Limits::from(&Config::default()), Registry::builtin());
+        let permits = Arc::new(Semaphore::new(2));
+        let stop = CancellationToken::new();
+        let served = tokio::spawn(serve_limited(
+            listener,
+            engine,
+            stop.clone().cancelled_owned(),
+            Arc::clone(&permits),
+        ));
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        assert!(get(&mut a).await.unwrap().starts_with("HTTP/1.1 200"));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while permits.available_permits() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "two connections held"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A third connection waits in the backlog, unserved, while both slots are held.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), get(&mut c)).await;
+        assert!(early.is_err(), "served beyond the limit: {early:?}");
+        drop(a);
+        let mut buf = vec![0; 1024];
+        let n = tokio::time::timeout(WAIT, c.read(&mut buf))
+            .await
+            .expect("served once a slot is free")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        stop.cancel();
+        served.await.unwrap();
+    }
 }

@@ -738,8 +738,13 @@ impl Handler for Gate {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_call_is_not_starved_by_a_greedy_one() {
+/// Payloads of the gated jobs, in the order they started.
+type Started = Arc<Mutex<Vec<Bytes>>>;
+
+/// A server configured by `edit` with a `gate` handler closed until the test adds permits.
+fn gated_server(
+    edit: impl FnOnce(&mut batchd::config::Config),
+) -> (TestServer, Arc<Semaphore>, Started) {
     let permits = Arc::new(Semaphore::new(0));
     let started = Arc::new(Mutex::new(Vec::new()));
     let mut registry = Registry::builtin();
@@ -750,13 +755,15 @@ async fn a_small_call_is_not_starved_by_a_greedy_one() {
             started: Arc::clone(&started),
         },
     );
-    let server = TestServer::start_with(
-        |c| {
-            c.workers = 2;
-            c.session_window = 2048;
-        },
-        registry,
-    );
+    (TestServer::start_with(edit, registry), permits, started)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_call_is_not_starved_by_a_greedy_one() {
+    let (server, permits, started) = gated_server(|c| {
+        c.workers = 2;
+        c.session_window = 2048;
+    });
     let gated = |prefix: &str, n: usize| -> Vec<proto::Job> {
         (0..n)
             .map(|i| job(&format!("{prefix}{i}"), "gate", prefix.as_bytes(), &[]))
@@ -886,17 +893,7 @@ async fn health_turns_from_serving_to_not_serving_on_shutdown() {
 async fn graceful_shutdown_lets_running_jobs_finish(half_close: bool) {
     // The jobs wait at a gate that the test opens once shutdown has begun: they run for as long as
     // the test takes to look, however slowly it gets there. The grace period only bounds the test.
-    let permits = Arc::new(Semaphore::new(0));
-    let started = Arc::new(Mutex::new(Vec::new()));
-    let mut registry = Registry::builtin();
-    registry.register(
-        "gate",
-        Gate {
-            permits: Arc::clone(&permits),
-            started: Arc::clone(&started),
-        },
-    );
-    let server = TestServer::start_with(|c| c.shutdown_grace = Duration::from_secs(60), registry);
+    let (server, permits, started) = gated_server(|c| c.shutdown_grace = Duration::from_secs(60));
     let mut health = health_client(&server).await;
     let mut watch = health
         .watch(HealthCheckRequest { service: "".into() })

@@ -227,9 +227,12 @@ where
         };
         tokio::pin!(cancelled, draining, deadline);
         loop {
-            // Every change of the last turn reaches the shared gauges before the session waits.
+            let admitted = self.admit_pending();
+            // Every change of the last turn and this admission reaches the shared gauges before
+            // the session waits (after the claim on the pool: whoever sees the jobs admitted also
+            // finds them waiting for their turn).
             self.engine.stats.fold_gauges(&mut self.gauges);
-            if let Err(e) = self.admit_pending() {
+            if let Err(e) = admitted {
                 return End::Status(e);
             }
             if !self.reading

@@ -81,10 +81,6 @@ where
             self.pending = Some((batch_id, jobs, span));
         }
         self.lane.want(admitted);
-        // Counted after the claim on the pool, so that whoever sees the jobs admitted also finds
-        // them waiting for their turn.
-        let stats = &self.engine.stats;
-        stats.fold_gauges(&mut self.gauges);
         Ok(())
     }
 

@@ -57,11 +57,8 @@ impl<S> Session<S> {
         let now = Instant::now();
         let from = self.engine.cancelled_at.get().copied().unwrap_or(now);
         self.observe_cancel(!self.jobs.is_empty(), EndReason::Shutdown, from);
-        let jobs: Vec<_> = self.jobs.drain().collect();
-        for (_, slot) in &jobs {
+        for (id, slot) in std::mem::take(&mut self.jobs) {
             self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
-        }
-        for (id, slot) in jobs {
             let (queued, ran) = match slot.running {
                 Some(started) => {
                     self.gauges.running(slot.handler_row, -1);
@@ -109,11 +106,8 @@ impl<S> Session<S> {
     fn drop_jobs(&mut self, why: &str) {
         let engine = Arc::clone(&self.engine);
         let stats = &engine.stats;
-        let jobs = std::mem::take(&mut self.jobs);
-        for slot in jobs.values() {
+        for (_, slot) in std::mem::take(&mut self.jobs) {
             self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
-        }
-        for (_, slot) in jobs {
             match slot.running {
                 Some(_) => self.gauges.running(slot.handler_row, -1),
                 None => self.gauges.queued(slot.handler_row, -1),

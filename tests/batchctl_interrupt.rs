@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! Interrupted runs: Ctrl-C cancels the call and exits 130, and `--joblog`/`--resume` finish only
-//! what an interrupted run left.
+//! Interrupted runs: Ctrl-C cancels the call and exits 130, a second Ctrl-C exits at once, and
+//! `--joblog`/`--resume` finish only what an interrupted run left.
 mod support;
 
 use std::collections::HashSet;
@@ -58,6 +58,67 @@ async fn ctrl_c_cancels_every_job_and_exits_130() {
         "no job finished"
     );
     assert_eq!(server.stats().jobs_admitted, N, "each job sent once");
+}
+
+#[tokio::test]
+async fn a_second_ctrl_c_exits_at_once_while_the_first_is_still_finishing() {
+    // What holds the first Ctrl-C up is a stdout nobody reads (a pager that stopped): `--ordered`
+    // keeps the echo results behind the gated first job, and once Ctrl-C has cancelled the call
+    // they are written out, which blocks for good: 2 MiB is more than any pipe holds (64 KiB by
+    // default, 1 MiB at most unless root raised fs.pipe-max-size). A daemon slow to cancel would not
+    // do: batchctl drops the call and does not wait for the daemon.
+    const ECHOES: usize = 32;
+    let (server, _gate) = gated_server(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let payload = "x".repeat(64 * 1024);
+    let mut lines = vec![gate_line("first", "g")];
+    lines.extend((0..ECHOES).map(|i| echo_line(&format!("e{i}"), &payload)));
+    let input = write_lines(dir.path(), "jobs.jsonl", lines);
+    let joblog = dir.path().join("joblog.jsonl");
+    let args = with_endpoint(
+        &server,
+        &[
+            "run",
+            "--quiet",
+            "--ordered",
+            "--joblog",
+            path_str(&joblog),
+            path_str(&input),
+        ],
+    );
+    // Held open and never read until batchctl has exited.
+    let (stdout, writer) = std::io::pipe().unwrap();
+    let mut cmd = command(&strs(&args), &[]);
+    cmd.stdout(writer);
+    let mut ctl = Ctl::start(cmd, None);
+    // The job log is flushed after each response: batchctl holds every echo result.
+    wait_until("batchctl holds the echo results back", LIVENESS, || {
+        let log = std::fs::read_to_string(&joblog).unwrap_or_default();
+        batchd::client::ok_ids(&log).len() == ECHOES && server.stats().jobs_running == 1
+    })
+    .await;
+
+    ctl.signal("INT");
+    // The first Ctrl-C was taken: batchctl dropped the call, so the daemon cancelled its last job.
+    wait_until("the daemon has cancelled the run", LIVENESS, || {
+        let s = server.stats();
+        s.calls_open == 0 && s.jobs_running == 0
+    })
+    .await;
+    assert!(
+        ctl.running(),
+        "batchctl cannot have written 2 MiB to a full pipe"
+    );
+
+    ctl.signal("INT");
+    let done = ctl.finish(LIVENESS).await;
+    assert_eq!(done.code, Some(EXIT_INTERRUPTED), "{done:?}");
+    assert_eq!(
+        done.stderr.trim(),
+        "batchctl: interrupted again; exiting now",
+        "it exits without the first Ctrl-C's summary"
+    );
+    drop(stdout);
 }
 
 #[tokio::test]

@@ -1,12 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! batchctl's exit codes, its other subcommands (`handlers`, `health`, `completions`), and the
-//! `--help` snapshots (`UPDATE_SNAPSHOTS=1` rewrites them).
+//! batchctl's exit codes, its other subcommands (`handlers`, `health`, `completions`), the endpoint
+//! it talks to, and the `--help` snapshots (`UPDATE_SNAPSHOTS=1` rewrites them).
 mod support;
 
 use std::path::Path;
+use std::time::Duration;
 
 use support::batchctl::*;
-use support::TestServer;
+use support::{batch, gated_server, job, wait_until, TestServer};
 
 // === exit codes ===
 
@@ -93,7 +94,7 @@ async fn an_unreachable_daemon_exits_3_with_one_line() {
     }
 }
 
-// === subcommands ===
+// === subcommands and the endpoint ===
 
 #[tokio::test]
 async fn handlers_lists_the_builtin_handlers() {
@@ -142,6 +143,111 @@ async fn completions_print_a_script() {
         done.stdout.contains("--resume"),
         "subcommand flags complete"
     );
+}
+
+#[tokio::test]
+async fn health_exits_non_zero_once_the_daemon_stops_serving() {
+    // A gated job keeps the daemon draining for as long as the test looks.
+    let (server, gate) = gated_server(|c| c.shutdown_grace = Duration::from_secs(60));
+    let mut call = server.open_call().await;
+    call.send(batch("b", vec![job("held", "gate", b"h", &[])]))
+        .await;
+    call.half_close();
+    wait_until("the gated job runs", LIVENESS, || {
+        server.stats().jobs_running == 1
+    })
+    .await;
+    let done = against(&server, &["health"]).await;
+    assert_eq!(done.code, Some(EXIT_OK), "{done:?}");
+    assert_eq!(done.stdout, "SERVING\n");
+
+    // Shutdown turns health NOT_SERVING and closes the listener at once: only calls on connections
+    // already open see NOT_SERVING, and a probe on a new connection, as batchctl makes, is refused.
+    server.begin_shutdown();
+    wait_until("the daemon refuses new connections", LIVENESS, || {
+        std::net::TcpStream::connect(server.addr).is_err()
+    })
+    .await;
+    let done = against(&server, &["health"]).await;
+    assert_eq!(done.code, Some(EXIT_UNREACHABLE), "{done:?}");
+    assert_eq!(done.stdout, "");
+    assert!(
+        done.stderr.starts_with(&format!(
+            "batchctl: cannot reach the daemon at {}",
+            server.url()
+        )),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(
+        server.stats().jobs_running,
+        1,
+        "asked while the daemon still drained"
+    );
+    gate.add_permits(1);
+    let results = call.finish_ok(LIVENESS).await;
+    assert_eq!(results.len(), 1, "the drain finished the job: {results:?}");
+}
+
+#[tokio::test]
+async fn health_exits_1_when_the_answer_is_not_serving() {
+    // A batchd that stops serving also stops accepting (above), so no new probe ever gets its
+    // NOT_SERVING; a stand-in health service gives that answer to batchctl.
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let done = batchctl(&["--endpoint", &url, "health"]).await;
+    assert_eq!(done.code, Some(EXIT_NOT_OK), "{done:?}");
+    assert_eq!(done.stdout, "NOT_SERVING\n");
+    serving.abort();
+    drop(reporter);
+}
+
+/// Runs `batchctl args…` with `BATCHD_ENDPOINT=endpoint`, feeding it `stdin`.
+async fn with_env_endpoint(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Finished {
+    let env = [("BATCHD_ENDPOINT", endpoint)];
+    Ctl::spawn_env(args, stdin.map(|s| s.as_bytes().to_vec()), &env)
+        .finish(LIVENESS)
+        .await
+}
+
+#[tokio::test]
+async fn batchd_endpoint_is_honoured_and_the_flag_overrides_it() {
+    let server = TestServer::start(|_| {});
+    let url = server.url();
+    let (dead, _refusing) = refused_endpoint();
+    let refused = |done: &Finished| {
+        done.code == Some(EXIT_UNREACHABLE)
+            && done
+                .stderr
+                .starts_with(&format!("batchctl: cannot reach the daemon at {dead}"))
+    };
+
+    let done = with_env_endpoint(&url, &["health"], None).await;
+    assert_eq!(done.code, Some(EXIT_OK), "{done:?}");
+    assert_eq!(done.stdout, "SERVING\n");
+    let line = echo_line("a", "x");
+    let done = with_env_endpoint(&url, &["run", "-q", "-"], Some(&line)).await;
+    assert_eq!(done.code, Some(EXIT_OK), "{done:?}");
+    assert_ran(&done, &["a"]);
+    assert_eq!(server.stats().jobs_admitted, 1);
+    // The variable is what batchctl tries, not the default endpoint.
+    let done = with_env_endpoint(&dead, &["health"], None).await;
+    assert!(refused(&done), "{done:?}");
+
+    // --endpoint wins, either way.
+    let done = with_env_endpoint(&dead, &["--endpoint", &url, "health"], None).await;
+    assert_eq!(done.code, Some(EXIT_OK), "{done:?}");
+    let done = with_env_endpoint(&url, &["--endpoint", &dead, "handlers"], None).await;
+    assert!(refused(&done), "{done:?}");
 }
 
 // === --help snapshots ===

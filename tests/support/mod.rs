@@ -3,7 +3,11 @@
 
 pub mod batchctl;
 pub mod daemon;
+pub mod jobs;
 pub mod otlp;
+pub mod proxy;
+pub mod recovery;
+pub mod scrape;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -12,21 +12,26 @@
 //! Run: `cargo bench --bench exec` (both), or `cargo bench --bench exec -- abort`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod support;
+
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use batchd::config::{Config, ExecSpec};
 use batchd::handlers::exec::{self, Reaper};
-use batchd::proto::batch_service_client::BatchServiceClient;
-use batchd::proto::{self, process_request::Kind};
-use batchd::{Registry, Server};
+use batchd::proto::{self, batch_service_client::BatchServiceClient};
+use batchd::Registry;
+use bytes::Bytes;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::PidfdFlags;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use support::client::{batch, connect, job, open_call, Call};
+use support::inproc::InProc;
+use support::procfs::{self, clk_tck, Stat};
+use support::report::{check_targets, figure, latency_ms, Target};
+use support::scenarios::Scenarios;
+use support::stats::{percentile_rounded_index, P50_P99_MAX};
 
 const SCENARIOS: [&str; 2] = ["abort", "spawn"];
 const ABORT_REPS: usize = 20;
@@ -36,104 +41,46 @@ const SPAWN_JOBS: usize = 3000;
 const SPAWN_BATCH: usize = 100;
 const LIVENESS: Duration = Duration::from_secs(20);
 
+/// The target of issue 4.
+const TARGETS: [Target; 1] = [Target::at_most(
+    "exec_abort_to_reaped_p99_ms",
+    2.0,
+    "abort -> all 8 children reaped, p99",
+)];
+
 fn main() {
-    let chosen: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    for c in &chosen {
-        assert!(
-            SCENARIOS.contains(&c.as_str()),
-            "unknown scenario {c:?}; known: {SCENARIOS:?}"
-        );
-    }
-    let run = |name: &str| chosen.is_empty() || chosen.iter().any(|c| c == name);
-    println!(
-        "machine: {} cores, load average {}",
-        std::thread::available_parallelism().map_or(0, usize::from),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split(' ')
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let server = InProc::start(vec![
-        ExecSpec::new("sleeper", &["sleep", "60"]),
-        ExecSpec::new("true", &["true"]),
-    ]);
+    let scenarios = Scenarios::from_args(&SCENARIOS);
+    procfs::print_machine();
+    let config = Config {
+        exec: vec![
+            ExecSpec::new("sleeper", &["sleep", "60"]),
+            ExecSpec::new("true", &["true"]),
+        ],
+        ..Config::default()
+    };
+    config.validate().unwrap();
+    let mut registry = Registry::builtin();
+    let reaper = exec::register(&mut registry, &config.exec).unwrap();
+    let server_reaper = reaper.clone();
+    // The reaper waits for the process groups of stopped jobs once the server has stopped.
+    let server = InProc::start_then(config, registry, async move {
+        server_reaper.shutdown().await;
+    });
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let client = client_rt.block_on(async {
-        BatchServiceClient::connect(format!("http://{}", server.addr))
-            .await
-            .unwrap()
-    });
-    if run("abort") {
-        abort(&client_rt, &client, &server.reaper);
+    let client = client_rt.block_on(connect(&server.url()));
+    if scenarios.run("abort") {
+        abort(&client_rt, &client, &reaper);
     }
-    if run("spawn") {
+    if scenarios.run("spawn") {
         spawn(&client_rt, &client);
     }
     drop(client);
-    server.stop();
-}
-
-// === the daemon, in process ===
-
-struct InProc {
-    addr: SocketAddr,
-    reaper: Reaper,
-    shutdown: CancellationToken,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl InProc {
-    fn start(specs: Vec<ExecSpec>) -> Self {
-        let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            exec: specs,
-            ..Config::default()
-        };
-        config.validate().unwrap();
-        let mut registry = Registry::builtin();
-        let reaper = exec::register(&mut registry, &config.exec).unwrap();
-        let listener = std::net::TcpListener::bind(config.listen).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let server_reaper = reaper.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                Server::new(config, registry)
-                    .serve(listener, stop.cancelled_owned())
-                    .await
-                    .unwrap();
-                server_reaper.shutdown().await;
-            });
-        });
-        Self {
-            addr,
-            reaper,
-            shutdown,
-            thread,
-        }
-    }
-
-    fn stop(self) {
-        self.shutdown.cancel();
-        self.thread.join().unwrap();
-    }
+    drop(server);
+    check_targets(&TARGETS);
 }
 
 // === /proc ===
@@ -143,18 +90,6 @@ impl InProc {
 struct Pid {
     pid: i32,
     start: u64,
-}
-
-/// State, parent and start time of `pid`, from /proc/PID/stat.
-fn stat(pid: i32) -> Option<(char, i32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    Some((
-        f[0].chars().next()?,
-        f[1].parse().ok()?,
-        f[19].parse().ok()?,
-    ))
 }
 
 /// Running children of this process whose command is `comm`.
@@ -167,20 +102,23 @@ fn children(comm: &str) -> Vec<Pid> {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
         .filter_map(|pid| {
-            let (state, ppid, start) = stat(pid)?;
-            (ppid == me && state != 'Z').then_some(Pid { pid, start })
+            let stat = Stat::of(pid)?;
+            (stat.ppid == me && stat.state != 'Z').then_some(Pid {
+                pid,
+                start: stat.start,
+            })
         })
         .collect()
 }
 
 /// `p` is dead: a zombie, or gone.
 fn dead(p: Pid) -> bool {
-    stat(p.pid).is_none_or(|(state, _, start)| start != p.start || state == 'Z')
+    Stat::of(p.pid).is_none_or(|s| s.start != p.start || s.state == 'Z')
 }
 
 /// `p` is reaped: gone from /proc.
 fn reaped(p: Pid) -> bool {
-    stat(p.pid).is_none_or(|(_, _, start)| start != p.start)
+    Stat::of(p.pid).is_none_or(|s| s.start != p.start)
 }
 
 /// A pidfd of `pid`: it turns readable when the process exits.
@@ -222,31 +160,6 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 // === scenarios ===
 
-fn job(id: String, handler: &str) -> proto::Job {
-    proto::Job {
-        id,
-        handler: handler.into(),
-        payload: Default::default(),
-        params: Default::default(),
-        timeout: None,
-    }
-}
-
-fn batch(batch_id: String, jobs: Vec<proto::Job>) -> proto::ProcessRequest {
-    proto::ProcessRequest {
-        kind: Some(Kind::Batch(proto::JobBatch { batch_id, jobs })),
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn abort(rt: &tokio::runtime::Runtime, client: &BatchServiceClient<Channel>, reaper: &Reaper) {
     let mut to_dead = Vec::new();
     let mut to_reaped = Vec::new();
@@ -254,19 +167,13 @@ fn abort(rt: &tokio::runtime::Runtime, client: &BatchServiceClient<Channel>, rea
         wait_until("no sleep child is left from the last rep", || {
             children("sleep").is_empty() && reaper.live_groups() == 0
         });
-        let (tx, call) = rt.block_on(async {
-            let (tx, rx) = mpsc::channel(4);
-            let call = client
-                .clone()
-                .process(ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
+        let call = rt.block_on(async {
+            let call = open_call(client, 4).await;
             let jobs = (0..ABORT_JOBS)
-                .map(|i| job(format!("s{i}"), "sleeper"))
+                .map(|i| job(format!("s{i}"), "sleeper", Bytes::new(), &[]))
                 .collect();
-            tx.send(batch(format!("b{rep}"), jobs)).await.unwrap();
-            (tx, call)
+            call.tx.send(batch(format!("b{rep}"), jobs)).await.unwrap();
+            call
         });
         let mut pids = Vec::new();
         wait_until("8 sleep children run", || {
@@ -280,8 +187,10 @@ fn abort(rt: &tokio::runtime::Runtime, client: &BatchServiceClient<Channel>, rea
         assert!(pids.iter().all(|p| !dead(*p)), "a sleep exited early");
 
         let aborted = Instant::now();
-        // Both halves: a client that keeps its sender does not reset the call.
-        drop(call);
+        // Both halves: a client that keeps its sender does not reset the call. The response
+        // stream first: its drop resets the call, the sender's alone would half-close it.
+        let Call { tx, rx } = call;
+        drop(rx);
         drop(tx);
         wait_exited(&pidfds);
         let all_dead = aborted.elapsed();
@@ -296,19 +205,14 @@ fn abort(rt: &tokio::runtime::Runtime, client: &BatchServiceClient<Channel>, rea
     to_dead.sort();
     to_reaped.sort();
     for (name, v) in [("dead", &to_dead), ("reaped", &to_reaped)] {
-        println!("exec_abort_to_{name}_p50_ms: {:.3}", ms(percentile(v, 0.5)));
-        println!(
-            "exec_abort_to_{name}_p99_ms: {:.3}",
-            ms(percentile(v, 0.99))
+        latency_ms(
+            &format!("exec_abort_to_{name}"),
+            v,
+            &P50_P99_MAX,
+            percentile_rounded_index,
         );
-        println!("exec_abort_to_{name}_max_ms: {:.3}", ms(*v.last().unwrap()));
     }
     reference();
-    let p99 = ms(percentile(&to_reaped, 0.99));
-    println!(
-        "target_check: exec_abort_to_reaped_p99_ms {p99:.3} <= 2.0: {}",
-        if p99 <= 2.0 { "met" } else { "NOT MET" }
-    );
 }
 
 /// The kernel's part alone: 8 `sleep 60` in their own groups, SIGTERM to each group straight from
@@ -339,39 +243,31 @@ fn reference() {
         }
     }
     took.sort();
-    println!(
-        "reference_sigterm_to_dead_p50_ms: {:.3}",
-        ms(percentile(&took, 0.5))
-    );
-    println!(
-        "reference_sigterm_to_dead_p99_ms: {:.3}",
-        ms(percentile(&took, 0.99))
+    latency_ms(
+        "reference_sigterm_to_dead",
+        &took,
+        &P50_P99_MAX[..2],
+        percentile_rounded_index,
     );
 }
 
 fn spawn(rt: &tokio::runtime::Runtime, client: &BatchServiceClient<Channel>) {
     let run = |n: usize, tag: &str| -> Duration {
         rt.block_on(async {
-            let (tx, rx) = mpsc::channel(4);
-            let mut call = client
-                .clone()
-                .process(ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
+            let Call { tx, mut rx } = open_call(client, 4).await;
             let started = Instant::now();
             let tag = tag.to_owned();
             let sender = tokio::spawn(async move {
                 for b in 0..n.div_ceil(SPAWN_BATCH) {
                     let jobs = (b * SPAWN_BATCH..((b + 1) * SPAWN_BATCH).min(n))
-                        .map(|i| job(format!("t{i}"), "true"))
+                        .map(|i| job(format!("t{i}"), "true", Bytes::new(), &[]))
                         .collect();
                     tx.send(batch(format!("{tag}{b}"), jobs)).await.unwrap();
                 }
             });
             let mut done = 0;
             while done < n {
-                let msg = call.message().await.unwrap().expect("results");
+                let msg = rx.message().await.unwrap().expect("results");
                 for r in &msg.results {
                     assert_eq!(r.outcome, proto::Outcome::Ok as i32, "{r:?}");
                 }
@@ -383,22 +279,27 @@ fn spawn(rt: &tokio::runtime::Runtime, client: &BatchServiceClient<Channel>) {
         })
     };
     run(SPAWN_WARMUP, "w");
-    let before = cpu_ticks();
+    // This process's threads are the in-process daemon and the client; its reaped children are
+    // the commands.
+    let before = Stat::of_self();
     let took = run(SPAWN_JOBS, "m");
-    let after = cpu_ticks();
+    let after = Stat::of_self();
     let per_job_us = |ticks: u64| ticks as f64 * 1e6 / clk_tck() as f64 / SPAWN_JOBS as f64;
-    println!("exec_spawn_true_jobs: {SPAWN_JOBS}");
-    println!(
-        "exec_spawn_true_jobs_per_s: {:.0}",
-        SPAWN_JOBS as f64 / took.as_secs_f64()
+    figure("exec_spawn_true_jobs", SPAWN_JOBS);
+    figure(
+        "exec_spawn_true_jobs_per_s",
+        format!("{:.0}", SPAWN_JOBS as f64 / took.as_secs_f64()),
     );
-    println!(
-        "exec_spawn_bench_process_cpu_us_per_job: {:.0}",
-        per_job_us(after.0 - before.0)
+    figure(
+        "exec_spawn_bench_process_cpu_us_per_job",
+        format!("{:.0}", per_job_us(after.ticks() - before.ticks())),
     );
-    println!(
-        "exec_spawn_children_cpu_us_per_job: {:.0}",
-        per_job_us(after.1 - before.1)
+    figure(
+        "exec_spawn_children_cpu_us_per_job",
+        format!(
+            "{:.0}",
+            per_job_us(after.children_ticks() - before.children_ticks())
+        ),
     );
 
     // Reference: `true` spawned and waited for by plain std::process, one thread per core.
@@ -418,30 +319,11 @@ fn spawn(rt: &tokio::runtime::Runtime, client: &BatchServiceClient<Channel>) {
             });
         }
     });
-    println!(
-        "reference_std_spawn_true_per_s: {:.0}",
-        (per_thread * threads) as f64 / started.elapsed().as_secs_f64()
+    figure(
+        "reference_std_spawn_true_per_s",
+        format!(
+            "{:.0}",
+            (per_thread * threads) as f64 / started.elapsed().as_secs_f64()
+        ),
     );
-}
-
-/// CPU ticks used by this process (its threads: the in-process daemon and the client) and by its
-/// reaped children, from /proc/self/stat.
-fn cpu_ticks() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let f: Vec<u64> = text[text.rfind(')').unwrap() + 2..]
-        .split(' ')
-        .skip(11)
-        .take(4)
-        .map(|v| v.parse().unwrap())
-        .collect();
-    (f[0] + f[1], f[2] + f[3])
-}
-
-fn clk_tck() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use batchd::proto::Outcome;
 use support::jobs::*;
+use support::scrape::{sample, scrape};
 use support::*;
 use tonic::Code;
 
@@ -73,8 +74,10 @@ async fn job_timeout_is_capped_and_defaulted() {
 async fn a_deadline_reaches_a_client_that_was_not_reading() {
     let server = TestServer::start(|_| {});
     let mut client = server.client_with_limit(64 << 20).await;
+    // Long enough for the first echo results to be handed over before it passes, even on a busy
+    // machine (checked below, so that a slow run fails with a clear message).
     let mut call = OpenCall::open_request(&mut client, |r| {
-        r.set_timeout(Duration::from_secs(1));
+        r.set_timeout(Duration::from_secs(3));
     })
     .await;
     // 36 MiB of echo results in response messages of at most 4 MiB: far more than the HTTP/2
@@ -91,10 +94,34 @@ async fn a_deadline_reaches_a_client_that_was_not_reading() {
         server.stats().calls_open == 0
     })
     .await;
-    let (results, _) = call.finish_err(Code::DeadlineExceeded, WAIT).await;
+    // What the session handed to the transport (this server's only call), all before its status.
+    let metrics = scrape(server.admin);
+    let messages = sample(&metrics, "batchd_results_per_message_count", "");
+    let handed_over = sample(&metrics, "batchd_results_per_message_sum", "");
+    assert!(
+        messages > 0.0,
+        "the deadline passed before the session handed over a single result: the test needs a \
+         longer deadline on this machine"
+    );
+    // `finish_err` reads every message up to the status: what it returns arrived before the status.
+    let (results, status) = call.finish_err(Code::DeadlineExceeded, WAIT).await;
     assert!(
         results.iter().all(|r| r.job_id.starts_with('e')),
         "only echo results: {}",
+        results.len()
+    );
+    assert_eq!(
+        results.len() as f64,
+        handed_over,
+        "every result handed over ({messages} messages) reaches the client, ahead of {status:?}"
+    );
+    let results = by_id(results); // panics on a duplicate
+    assert!(
+        results.values().all(|r| outcome(r) == Outcome::Ok),
+        "every echo result that arrived is whole and OK"
+    );
+    eprintln!(
+        "{} echo results in {messages} messages, then {status:?}",
         results.len()
     );
 }

@@ -15,7 +15,9 @@ use batchd::config::Config;
 use batchd::telemetry::Telemetry;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use support::otlp::{attr, fresh_trace, hex, named, open_traced, Collector, Exported, CALLER_SPAN};
+use support::otlp::{
+    attr, fresh_trace, hex, named, open_traced, open_unsampled, Collector, Exported, CALLER_SPAN,
+};
 use support::recovery::LIVENESS;
 use support::scrape::sample;
 use support::{batch, http_get, job, wait_until, within, OpenCall, TestServer};
@@ -608,4 +610,60 @@ async fn shutdown_past_the_grace_period_ends_the_session_span_shutdown() {
     assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
     assert_eq!(attr(span, "job.cancelled_by").as_deref(), Some("shutdown"));
     assert!(attr(span, "job.error").unwrap().contains("shut down"));
+}
+
+/// Sampling is decided once per call: a call whose caller's span is not sampled (flags `00`) gets no
+/// span at all, none of its jobs in particular, while a sampled call's spans arrive as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_call_creates_no_job_spans() {
+    shared();
+    let server = TestServer::start(|_| {});
+    let mut client = server.client().await;
+    let jobs = || {
+        vec![
+            job("a", "echo", b"1", &[]),
+            job("s", "sleep", b"", &[("ms", "1")]),
+            job("r", "no-such-handler", b"", &[]),
+        ]
+    };
+
+    let unsampled = fresh_trace();
+    let mut call = open_unsampled(&mut client, &unsampled, |_| {}).await;
+    call.send(batch("b", jobs())).await;
+    call.half_close();
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
+    status.unwrap();
+    assert_eq!(results.len(), 3, "the call itself is served as usual");
+    // Its session is over, so any span it made has ended, ahead of the sampled call's.
+    wait_until("the unsampled call is over", DELIVERY, || server.is_idle()).await;
+
+    let sampled = fresh_trace();
+    let mut call = open_traced(&mut client, &sampled, |_| {}).await;
+    call.send(batch("b", jobs())).await;
+    call.half_close();
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
+    status.unwrap();
+    assert_eq!(results.len(), 3);
+
+    // Spans are exported in the order they end: once the sampled call's are in, any span of the
+    // earlier, unsampled call would be too.
+    let spans = spans_until("the sampled call", |s| {
+        !named(s, &sampled, "batchd.session").is_empty()
+            && named(s, &sampled, "batchd.job").len() == 3
+    })
+    .await;
+    assert_eq!(named(&spans, &sampled, "batchd.batch").len(), 1);
+    assert!(
+        named(&spans, &unsampled, "batchd.job").is_empty(),
+        "job spans of an unsampled call"
+    );
+    let any: Vec<&str> = spans
+        .iter()
+        .filter(|e| hex(&e.span.trace_id) == unsampled)
+        .map(|e| e.span.name.as_str())
+        .collect();
+    assert!(any.is_empty(), "spans of an unsampled call: {any:?}");
+    drop(call);
+    drop(client);
+    stop(server).await;
 }

@@ -139,6 +139,68 @@ async fn an_unknown_field_in_the_config_file_exits_64_naming_it() {
     assert!(stderr.contains("wrokers"), "stderr: {stderr}");
 }
 
+// === the config file ===
+
+/// The handler names a daemon lists.
+async fn handler_names(daemon: &Daemon) -> Vec<String> {
+    daemon
+        .client()
+        .await
+        .list_handlers(batchd::proto::ListHandlersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .handlers
+        .into_iter()
+        .map(|h| h.name)
+        .collect()
+}
+
+/// A config file in `dir` adding an exec handler named `name` (`cat`).
+fn config_with_handler(dir: &tempfile::TempDir, name: &str) -> String {
+    let text = format!("[[exec]]\nname = \"{name}\"\ncommand = [\"cat\"]\n");
+    write_config(dir, &text).to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batchd_config_names_the_config_file_and_config_wins_over_it() {
+    let (env_dir, flag_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let env_file = config_with_handler(&env_dir, "from_env_file");
+    let flag_file = config_with_handler(&flag_dir, "from_flag_file");
+    let env = [("BATCHD_CONFIG", env_file.as_str())];
+
+    // Without --config, the file BATCHD_CONFIG names is the config: its handler is served.
+    let mut daemon = Daemon::serving_with(&[], &env).await;
+    let names = handler_names(&daemon).await;
+    assert!(names.iter().any(|n| n == "from_env_file"), "{names:?}");
+    let mut client = daemon.client().await;
+    let jobs = vec![job("c", "from_env_file", b"via BATCHD_CONFIG", &[])];
+    let results = run_batch_on(&mut client, jobs, LIVENESS).await;
+    assert_eq!(outcome(&results["c"]), Outcome::Ok, "{:?}", results["c"]);
+    assert_eq!(&results["c"].output[..], b"via BATCHD_CONFIG");
+    drop(client);
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit().await.code(), Some(0), "{}", daemon.stderr());
+
+    // A flag beats the environment: --config replaces the file, not merges with it.
+    let mut daemon = Daemon::serving_with(&["--config", &flag_file], &env).await;
+    let names = handler_names(&daemon).await;
+    assert!(names.iter().any(|n| n == "from_flag_file"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "from_env_file"), "{names:?}");
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit().await.code(), Some(0), "{}", daemon.stderr());
+}
+
+#[tokio::test]
+async fn a_bad_file_named_by_batchd_config_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, "workers = 4\nwrokers = 8\n");
+    let env = [("BATCHD_CONFIG", path.to_str().unwrap())];
+    let (code, stderr) = run_to_exit(&["--listen", "127.0.0.1:0"], &env).await;
+    assert_eq!(code, Some(EXIT_CONFIG), "stderr: {stderr}");
+    assert!(stderr.contains("wrokers"), "stderr: {stderr}");
+}
+
 // === serving and signals ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

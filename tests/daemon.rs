@@ -10,7 +10,7 @@ use std::time::Duration;
 use batchd::proto::Outcome;
 use support::daemon::{write_config, Daemon};
 use support::otlp::{attr, fresh_trace, hex, named, open_traced, Collector, CALLER_SPAN};
-use support::{batch, by_id, job, outcome, run_batch_on, wait_until, OpenCall};
+use support::{batch, by_id, job, outcome, run_batch_on, wait_until, within, OpenCall};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -455,6 +455,73 @@ async fn a_second_signal_while_process_groups_are_waited_for_kills_them_and_exit
     })
     .await;
     drop(call);
+}
+
+/// At shutdown the daemon waits for the process groups of the exec jobs it stopped, so that none
+/// outlives it, and for at most the longest `kill_grace` + 1 s: a group that ignores SIGTERM is
+/// SIGKILLed after its kill_grace and the daemon exits 0 right after, not after some longer wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_exec_groups_for_at_most_kill_grace_and_a_second() {
+    const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
+    const KILL_GRACE: Duration = Duration::from_secs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let mark = format!("kill-grace-cap-{}", std::process::id());
+    // The command and its child ignore SIGTERM; the child is out of reach of the parent-death
+    // signal: only the group's SIGKILL after kill_grace stops it.
+    let config = format!(
+        "shutdown_grace = \"100ms\"\n\n[[exec]]\nname = \"stubborn\"\n\
+         command = [\"sh\", \"-c\", \"trap '' TERM; sleep 600 & wait; wait\"]\n\
+         kill_grace = \"1s\"\nenv = {{ BATCHD_TEST_MARK = \"{mark}\" }}\n"
+    );
+    let path = write_config(&dir, &config);
+    let mut daemon = Daemon::serving(&["--config", path.to_str().unwrap()]).await;
+    let mut call = OpenCall::open_at(daemon.url.clone()).await;
+    call.send(batch("b", vec![job("s", "stubborn", b"", &[])]))
+        .await;
+    wait_until("the command and its child run", LIVENESS, || {
+        marked_running(&mark).len() == 2
+    })
+    .await;
+    // The client reads its call to the end and goes, so that no open connection holds up the exit.
+    let reader = tokio::spawn(async move {
+        let (_, status) = call.finish().await;
+        status
+    });
+
+    let started = std::time::Instant::now();
+    daemon.signal("TERM");
+    let exit = daemon.exit().await;
+    let took = started.elapsed();
+    let stderr = daemon.stderr();
+    assert_eq!(exit.code(), Some(0), "stderr:\n{stderr}");
+    eprintln!("exit {took:?} after SIGTERM (shutdown_grace 100ms, kill_grace 1s)");
+    assert!(
+        stderr.contains("waiting for the process groups"),
+        "stderr:\n{stderr}"
+    );
+    // The group cannot be gone before its SIGKILL, sent kill_grace after the job was stopped at the
+    // end of the grace period: a slow machine only makes this longer.
+    assert!(
+        took >= SHUTDOWN_GRACE + KILL_GRACE,
+        "batchd exited {took:?} after SIGTERM, before the group's SIGKILL was due"
+    );
+    // What the cap allows (the grace period, kill_grace + 1 s), and 3 s for a busy machine: far
+    // under the default shutdown_grace (30 s) and the harness's own deadline.
+    let bound = SHUTDOWN_GRACE + KILL_GRACE + Duration::from_secs(1) + Duration::from_secs(3);
+    assert!(
+        took < bound,
+        "batchd exited {took:?} after SIGTERM, over {bound:?}; stderr:\n{stderr}"
+    );
+    // SIGKILLed with its group: nothing of it runs (a zombie that PID 1 does not reap is gone).
+    wait_until("nothing of the process group runs", LIVENESS, || {
+        marked_running(&mark).is_empty()
+    })
+    .await;
+    let status = within(LIVENESS, "the client's call ends", reader)
+        .await
+        .unwrap();
+    let status = status.expect_err("a call cut by shutdown ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

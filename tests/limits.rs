@@ -1,9 +1,9 @@
-//! Limits on calls and messages: an over-size message ends its call RESOURCE_EXHAUSTED, and
-//! `max_calls` refuses calls beyond it.
+//! Limits on calls and messages: an over-size message ends its call RESOURCE_EXHAUSTED, `max_calls`
+//! refuses calls beyond it, and `max_concurrent_streams` makes a connection's extra call wait.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use batchd::config::ByteSize;
 use batchd::proto::{self, Outcome};
@@ -80,6 +80,63 @@ async fn max_calls_refuses_extra_calls_until_one_closes() {
     third.send(batch("c", vec![echo_job("new", b"n")])).await;
     third.half_close();
     let results = third.finish_ok(WAIT).await;
+    assert_eq!(outcome(&results[0]), Outcome::Ok);
+
+    second.send(cancel("b", &[])).await;
+    second.half_close();
+    let results = second.finish_ok(WAIT).await;
+    assert_eq!(outcome(&results[0]), Outcome::Cancelled);
+}
+
+/// `max_concurrent_streams` caps the calls of one connection: the call beyond it waits, unstarted,
+/// until one of the others ends. Other connections are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_beyond_max_concurrent_streams_waits_until_one_ends() {
+    let server = TestServer::start(|c| c.max_concurrent_streams = 2);
+    let mut client = server.client().await;
+    let mut first = OpenCall::open(&mut client).await;
+    let mut second = OpenCall::open(&mut client).await;
+    second
+        .send(batch("b", vec![sleep_job("held", 60_000)]))
+        .await;
+    wait_until("the held job runs", WAIT, || {
+        server.stats().jobs_running == 1
+    })
+    .await;
+
+    // A third call on the same connection, which has no stream left for it.
+    let mut same_connection = client.clone();
+    let third = tokio::spawn(async move {
+        let mut call = OpenCall::open(&mut same_connection).await;
+        call.send(batch("c", vec![echo_job("third", b"3")])).await;
+        call.half_close();
+        call.finish_ok(WAIT).await
+    });
+    // The limit is per connection: a call on another one is served.
+    let results = run_batch(&server, vec![echo_job("other", b"o")], WAIT).await;
+    assert_eq!(outcome(&results["other"]), Outcome::Ok);
+    wait_until("the other connection's call is over", WAIT, || {
+        server.stats().calls_open == 2
+    })
+    .await;
+    // Not a synchronisation: the third call must wait however long one watches.
+    for _ in 0..25 {
+        let s = server.stats();
+        assert_eq!(
+            (s.calls_open, s.jobs_admitted),
+            (2, 2),
+            "a call beyond max_concurrent_streams started"
+        );
+        assert!(!third.is_finished(), "the third call ended: {:?}", third);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // One call ends: the third starts and runs.
+    first.half_close();
+    assert!(first.finish_ok(WAIT).await.is_empty());
+    let results = within(WAIT, "the third call ends", third).await.unwrap();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0].job_id, "third");
     assert_eq!(outcome(&results[0]), Outcome::Ok);
 
     second.send(cancel("b", &[])).await;

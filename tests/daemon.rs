@@ -1,7 +1,8 @@
+//! The real `batchd` binary as a process: configuration errors and their exit code, the config file
+//! named by `BATCHD_CONFIG`, serving on a real port, SIGTERM/SIGINT shutdown with its grace period
+//! (the spans it flushes, the exec process groups it waits for, a second signal while it does), and
+//! JSON logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! The real `batchd` binary as a process: configuration errors and their exit code, serving on a
-//! real port, SIGTERM/SIGINT shutdown with its grace period (and the spans it flushes), a second
-//! signal while exec process groups are being waited for, and JSON logs.
 mod support;
 
 use std::net::SocketAddr;

@@ -5,6 +5,7 @@ mod lines;
 mod progress;
 mod record;
 mod run;
+mod traceparent;
 
 use std::time::Duration;
 
@@ -16,9 +17,10 @@ pub use lines::{Line, LineDecoder};
 pub use progress::Progress;
 pub use record::{ok_ids, outcome_name, LogRecord, ResultRecord};
 pub use run::{run, RunOptions, DEFAULT_MAX_MESSAGE, MAX_LINE};
+pub use traceparent::{outgoing_traceparent, TraceHeaders};
 
+use crate::outcome::Outcome;
 use crate::proto::batch_service_client::BatchServiceClient;
-use crate::proto::Outcome;
 
 /// Endpoint used when neither `--endpoint` nor `BATCHD_ENDPOINT` is given.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
@@ -61,7 +63,7 @@ pub struct Summary {
     pub sent: u64,
     /// Jobs with a final result.
     pub done: u64,
-    /// Final results by outcome, in `ok, failed, cancelled, timed_out, rejected` order.
+    /// Final results by outcome, in [`Outcome::ALL`] order.
     pub outcomes: [u64; 5],
     /// Input lines that were not jobs.
     pub bad_lines: u64,
@@ -96,19 +98,14 @@ impl ClientError {
 impl Summary {
     fn record(&mut self, outcome: i32) {
         self.done += 1;
-        let i = match Outcome::try_from(outcome) {
-            Ok(Outcome::Ok) => 0,
-            Ok(Outcome::Failed) => 1,
-            Ok(Outcome::Cancelled) => 2,
-            Ok(Outcome::TimedOut) => 3,
-            _ => 4,
-        };
-        self.outcomes[i] += 1;
+        // A result with no outcome the client knows counts with the rejected ones.
+        let o = Outcome::from_proto(outcome).unwrap_or(Outcome::Rejected);
+        self.outcomes[o.index()] += 1;
     }
 
     /// Jobs that ended ok.
     pub fn ok(&self) -> u64 {
-        self.outcomes[0]
+        self.outcomes[Outcome::Ok.index()]
     }
 
     /// Whether every job sent ended ok and every line was a job.
@@ -118,12 +115,11 @@ impl Summary {
 
     /// `12 ok, 1 failed, …`: the non-zero counts per outcome.
     pub fn counts(&self) -> String {
-        let names = ["ok", "failed", "cancelled", "timed out", "rejected"];
-        let mut parts: Vec<String> = names
+        let mut parts: Vec<String> = Outcome::ALL
             .iter()
             .zip(self.outcomes)
-            .filter(|(n, c)| *c > 0 || **n == "ok")
-            .map(|(n, c)| format!("{c} {n}"))
+            .filter(|(o, c)| *c > 0 || **o == Outcome::Ok)
+            .map(|(o, c)| format!("{c} {}", o.as_str().replace('_', " ")))
             .collect();
         if self.bad_lines > 0 {
             parts.push(plural(self.bad_lines, "bad line"));

@@ -1,7 +1,5 @@
 //! Typed configuration: embedded defaults < TOML file < `BATCHD_*` environment < command-line flags.
 
-pub(crate) mod units;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::handlers::exec::{ExecSpec, SpecError};
-pub use units::ByteSize;
+use crate::units;
+pub use crate::units::ByteSize;
 
 /// Prefix of the environment variables that set config fields (`BATCHD_WORKERS=8`).
 pub const ENV_PREFIX: &str = "BATCHD_";

@@ -6,13 +6,14 @@
 //! the session task and with it every job future, timer and buffer of the call.
 
 mod job;
+pub mod metrics;
 mod outbox;
 mod running;
 mod scheduler;
 mod session;
+pub mod trace;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,12 +25,12 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::error::Error;
 use crate::handlers::{CpuPool, Handler, Registry};
-use crate::telemetry::metrics::{EngineMetrics as Counters, Rejection};
-use crate::telemetry::SessionTrace;
 
 pub use job::{Command, JobRequest, JobResult, Outcome};
+use metrics::{Metrics, Rejection};
 use scheduler::Scheduler;
 use session::{Outgoing, Session};
+use trace::SessionTrace;
 
 /// Most bytes of results coalesced into one response: the default receive limit of gRPC clients.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -81,7 +82,7 @@ struct Inner {
     calls: Arc<Semaphore>,
     /// Handlers by name with their row in the metrics.
     handlers: HandlerRows,
-    stats: Counters,
+    metrics: Metrics,
 }
 
 /// Handlers by name, each with its row in the metrics.
@@ -93,7 +94,7 @@ impl std::fmt::Debug for HandlerRows {
     }
 }
 
-/// A snapshot of the engine's counters, for tests, logs and metrics.
+/// A snapshot of the engine's main figures, for tests, logs and status lines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Calls whose session is alive.
@@ -175,7 +176,7 @@ impl Engine {
                 drain: CancellationToken::new(),
                 sessions: TaskTracker::new(),
                 handlers,
-                stats: Counters::new(names),
+                metrics: Metrics::new(names),
             }),
         }
     }
@@ -185,13 +186,13 @@ impl Engine {
     /// `trace` is the call's session span (disabled when the call is not traced).
     pub fn open(&self, deadline: Option<Instant>, trace: SessionTrace) -> Result<Call, Error> {
         if self.inner.drain.is_cancelled() {
-            self.inner.stats.rejected(Rejection::ShuttingDown);
+            self.inner.metrics.rejected(Rejection::ShuttingDown);
             return Err(Error::ShuttingDown);
         }
         let permit = Arc::clone(&self.inner.calls)
             .try_acquire_owned()
             .map_err(|_| {
-                self.inner.stats.rejected(Rejection::TooManyCalls);
+                self.inner.metrics.rejected(Rejection::TooManyCalls);
                 Error::TooManyCalls {
                     limit: self.inner.limits.max_calls,
                 }
@@ -204,9 +205,10 @@ impl Engine {
         })
     }
 
-    /// The live counters, gauges and histograms, for the metrics endpoint.
-    pub fn metrics(&self) -> &Counters {
-        &self.inner.stats
+    /// The engine's live counters, gauges and histograms; exporters read them through
+    /// [`metrics::families`].
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Whether shutdown has started (the daemon is not ready for new calls).
@@ -224,18 +226,17 @@ impl Engine {
         &self.inner.limits
     }
 
-    /// Current counters.
+    /// A snapshot of the main figures, for tests, logs and status lines.
     pub fn stats(&self) -> Stats {
-        let c = &self.inner.stats;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let [jobs_queued, jobs_running, jobs_admitted] = c.jobs_by_state();
+        let m = &self.inner.metrics;
+        let [jobs_queued, jobs_running, jobs_admitted] = m.jobs_by_state();
         Stats {
-            calls_open: get(&c.calls_open),
+            calls_open: m.calls_open(),
             jobs_queued,
             jobs_running,
-            results_buffered: get(&c.results_buffered),
+            results_buffered: m.results_buffered(),
             jobs_admitted,
-            finished: c.finished_by_outcome(),
+            finished: m.finished_by_outcome(),
             free_workers: self.inner.scheduler.free() as u64,
         }
     }
@@ -263,8 +264,7 @@ impl Engine {
 impl Stats {
     /// Jobs finished with `outcome` since start.
     pub fn finished(&self, outcome: Outcome) -> u64 {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.finished[i]
+        self.finished[outcome.index()]
     }
 }
 

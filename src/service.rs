@@ -8,10 +8,10 @@ use futures_util::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Command, Engine, JobRequest, JobResult, Outcome, ResultStream};
+use crate::engine::{Command, Engine, JobRequest, JobResult, ResultStream};
 use crate::error::Error;
 use crate::proto::{self, batch_service_server::BatchService, process_request::Kind};
-use crate::telemetry::SessionTrace;
+use crate::telemetry::session_trace;
 
 /// The stream of responses of one call.
 pub type ResponseStream =
@@ -39,7 +39,7 @@ impl BatchService for Service {
         &self,
         request: Request<Streaming<proto::ProcessRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let trace = SessionTrace::start("Process", request.metadata(), request.remote_addr());
+        let trace = session_trace("Process", request.metadata(), request.remote_addr());
         let call = self.engine.open(deadline(request.metadata()), trace)?;
         let inbound = request
             .into_inner()
@@ -51,7 +51,7 @@ impl BatchService for Service {
         &self,
         request: Request<proto::JobBatch>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let trace = SessionTrace::start("RunBatch", request.metadata(), request.remote_addr());
+        let trace = session_trace("RunBatch", request.metadata(), request.remote_addr());
         let call = self.engine.open(deadline(request.metadata()), trace)?;
         let inbound = futures_util::stream::iter([Ok(submit(request.into_inner()))]);
         Ok(Response::new(respond(call.start(inbound))))
@@ -117,13 +117,7 @@ fn submit(batch: proto::JobBatch) -> Command {
 }
 
 fn to_proto(r: JobResult) -> proto::JobResult {
-    let outcome = match r.outcome {
-        Outcome::Ok => proto::Outcome::Ok,
-        Outcome::Failed => proto::Outcome::Failed,
-        Outcome::Cancelled => proto::Outcome::Cancelled,
-        Outcome::TimedOut => proto::Outcome::TimedOut,
-        Outcome::Rejected => proto::Outcome::Rejected,
-    };
+    let outcome = proto::Outcome::from(r.outcome);
     let duration = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
     proto::JobResult {
         job_id: r.job_id,

@@ -1,37 +1,34 @@
-//! Logging, OpenTelemetry traces and metrics: the one module (with its submodules) that imports
-//! `opentelemetry`.
+//! The outer adapter between the engine and the world of logs, traces and metrics: the one module
+//! (with its submodules) that imports `opentelemetry`.
 //!
+//! The engine owns its instruments (`engine::metrics`, `engine::trace`); this module only reads and
+//! exports them:
 //! - Set-up (this file): structured `tracing` logs on stderr, as text or JSON, filtered by the `log`
 //!   setting; [`init`] and the [`Telemetry`] guard that flushes on drop. The daemon and batchctl
 //!   build their exporters through one path (`Otlp`: endpoint, timeout, resource,
-//!   `OTEL_SDK_DISABLED`).
-//! - Daemon spans (`spans`): when an OTLP endpoint is configured (`otlp_endpoint` or the standard
-//!   `OTEL_*` variables), a `batchd.session` span per call whose parent is the caller's W3C
-//!   `traceparent`, a `batchd.batch` span per batch and a `batchd.job` span per job, exported over
-//!   OTLP/gRPC by a batch span processor. Off, they cost one relaxed load per call and nothing per
-//!   job.
+//!   `OTEL_SDK_DISABLED`). With an OTLP endpoint (`otlp_endpoint` or the standard `OTEL_*`
+//!   variables), the engine's spans are turned on and exported by a batch span processor.
+//! - [`session_trace`]: a call's W3C `traceparent` becomes the parent of its session span.
+//! - [`prometheus`] (`/metrics`), the OTLP metrics push (`push`) and the [`admin`] HTTP listener,
+//!   all written from the engine's one table of metric families.
 //! - batchctl (`client`, [`ClientTelemetry`]): with an OTLP endpoint in the environment, a
 //!   `batchctl.run` client span per run, whose context is the `traceparent` the call sends.
-//! - Metrics ([`metrics`]) and the admin HTTP listener ([`admin`]).
 
 pub mod admin;
 mod client;
-pub mod metrics;
-mod spans;
+mod parent;
+pub mod prometheus;
+mod push;
 #[cfg(test)]
 mod tests;
 
-pub use client::{outgoing_traceparent, ClientTelemetry, RunEnd, RunTrace, TraceHeaders};
-pub(crate) use spans::{batch_span, job_span};
-pub use spans::{record_exec_exit, record_exec_start, JobSpan, SessionTrace};
+pub use client::{ClientTelemetry, RunEnd, RunTrace};
+pub use parent::session_trace;
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -41,14 +38,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat};
-use crate::engine::Engine;
-use metrics::ProcessFigures;
-
-/// The target of the daemon's trace spans; the log output never shows them.
-const TRACE_TARGET: &str = "batchd::trace";
-
-/// Whether an OpenTelemetry layer is installed: spans are made only then.
-static TRACING: AtomicBool = AtomicBool::new(false);
+use crate::engine::trace::{self, TARGET as TRACE_TARGET};
 
 /// How much longer than the SDK's own bound a flush may take before it is abandoned.
 const FLUSH_SLACK: Duration = Duration::from_secs(1);
@@ -83,9 +73,6 @@ struct Otlp<'a, E> {
     service: &'static str,
     env: &'a E,
 }
-
-/// A pushed gauge: name, description and how to read it from the engine.
-type Gauge = (&'static str, &'static str, fn(&Engine) -> u64);
 
 /// Installs the global subscriber: logs on stderr and, if configured, the OTLP trace pipeline.
 ///
@@ -141,7 +128,7 @@ fn init_from(
         .try_init()
         .is_ok();
     if installed && provider.is_some() {
-        TRACING.store(true, Ordering::Relaxed);
+        trace::enable();
     }
     Ok(Telemetry {
         provider: provider.filter(|_| installed),
@@ -261,115 +248,6 @@ impl Telemetry {
     /// Whether metrics are pushed over OTLP.
     pub fn is_pushing_metrics(&self) -> bool {
         self.meters.is_some()
-    }
-
-    /// Pushes `engine`'s counters and gauges over OTLP (when `otlp_metrics` is on), read at each
-    /// export. Histograms stay on `/metrics`. Call it on the daemon's runtime (its task count).
-    pub fn push_metrics(&self, engine: &Engine) {
-        let Some(meters) = &self.meters else {
-            return;
-        };
-        let meter = meters.meter("batchd");
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        let gauges: [Gauge; 3] = [
-            ("batchd.calls.open", "Calls whose session is alive.", |e| {
-                e.stats().calls_open
-            }),
-            ("batchd.results.buffered", "Results not yet sent.", |e| {
-                e.stats().results_buffered
-            }),
-            ("batchd.workers.free", "Worker slots nobody holds.", |e| {
-                e.stats().free_workers
-            }),
-        ];
-        for (name, help, read) in gauges {
-            let engine = engine.clone();
-            meter
-                .u64_observable_gauge(name)
-                .with_description(help)
-                .with_callback(move |o| o.observe(read(&engine), &[]))
-                .build();
-        }
-        let by_handler: [(&'static str, &'static str); 2] = [
-            (
-                "batchd.jobs.queued",
-                "Admitted jobs waiting for a worker slot, by handler.",
-            ),
-            (
-                "batchd.jobs.running",
-                "Jobs holding a worker slot, by handler.",
-            ),
-        ];
-        for (i, (name, help)) in by_handler.into_iter().enumerate() {
-            let e = engine.clone();
-            meter
-                .u64_observable_gauge(name)
-                .with_description(help)
-                .with_callback(move |o| {
-                    for (handler, figures) in metrics::handler_gauges(e.metrics()) {
-                        o.observe(figures[i], &[KeyValue::new("handler", handler.to_owned())]);
-                    }
-                })
-                .build();
-        }
-        meter
-            .u64_observable_gauge("batchd.process.figures")
-            .with_description(
-                "Live tokio tasks, exec process groups, resident bytes (by `figure`).",
-            )
-            .with_callback(move |o| {
-                let _guard = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                let p = ProcessFigures::read();
-                o.observe(
-                    p.tasks_alive,
-                    &[KeyValue::new("figure", "tokio_tasks_alive")],
-                );
-                o.observe(
-                    p.exec_groups,
-                    &[KeyValue::new("figure", "exec_groups_alive")],
-                );
-                if let Some(rss) = p.rss_bytes {
-                    o.observe(rss, &[KeyValue::new("figure", "resident_memory_bytes")]);
-                }
-            })
-            .build();
-        let e = engine.clone();
-        meter
-            .u64_observable_counter("batchd.jobs.finished")
-            .with_description("Jobs finished, by handler and outcome.")
-            .with_callback(move |o| {
-                let m = e.metrics();
-                for (handler, row) in metrics::handler_rows(m) {
-                    for (outcome, n) in row {
-                        let attrs = [
-                            KeyValue::new("handler", handler.to_owned()),
-                            KeyValue::new("outcome", outcome),
-                        ];
-                        o.observe(n, &attrs);
-                    }
-                }
-            })
-            .build();
-        let e = engine.clone();
-        meter
-            .u64_observable_counter("batchd.calls.ended")
-            .with_description("Calls ended, by reason; refused calls have reason refused:<why>.")
-            .with_callback(move |o| {
-                for (reason, n) in metrics::call_counts(e.metrics()) {
-                    o.observe(n, &[KeyValue::new("reason", reason)]);
-                }
-            })
-            .build();
-        let e = engine.clone();
-        meter
-            .u64_observable_counter("batchd.jobs.admitted")
-            .with_description("Jobs admitted since start, by handler.")
-            .with_callback(move |o| {
-                for (handler, figures) in metrics::handler_gauges(e.metrics()) {
-                    o.observe(figures[2], &[KeyValue::new("handler", handler.to_owned())]);
-                }
-            })
-            .build();
     }
 
     /// Flushes pending spans and stops the exporter, within the flush timeout (off the runtime's

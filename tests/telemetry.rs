@@ -595,7 +595,7 @@ async fn shutdown_past_the_grace_period_ends_the_session_span_shutdown() {
     within(LIVENESS, "serve returns", server.join())
         .await
         .unwrap();
-    let m = batchd::telemetry::metrics::render(engine.metrics(), 0, Default::default());
+    let m = batchd::telemetry::prometheus::render(&engine);
     assert_eq!(cancels(&m, "shutdown"), 1.0, "its cancellation latency");
 
     let spans = spans_until("the call cut by shutdown", |s| {

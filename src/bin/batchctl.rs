@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use batchd::client::{self, ClientError, LineDefaults, Progress, RunOptions, Summary};
-use batchd::config::ByteSize;
 use batchd::telemetry::{ClientTelemetry, RunEnd, RunTrace};
+use batchd::units::ByteSize;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::io::IsTerminal;
 use tokio::io::{AsyncRead, AsyncWrite};

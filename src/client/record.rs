@@ -6,7 +6,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{self, Outcome};
+use crate::outcome::Outcome;
+use crate::proto;
 
 /// One output line.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -46,16 +47,9 @@ pub struct LogRecord {
     pub outcome: String,
 }
 
-/// The lowercase name of an outcome.
+/// The lowercase name of a protobuf outcome ([`Outcome::as_str`]; `unspecified` for none).
 pub fn outcome_name(outcome: i32) -> &'static str {
-    match Outcome::try_from(outcome) {
-        Ok(Outcome::Ok) => "ok",
-        Ok(Outcome::Failed) => "failed",
-        Ok(Outcome::Cancelled) => "cancelled",
-        Ok(Outcome::TimedOut) => "timed_out",
-        Ok(Outcome::Rejected) => "rejected",
-        Ok(Outcome::Unspecified) | Err(_) => "unspecified",
-    }
+    Outcome::from_proto(outcome).map_or("unspecified", Outcome::as_str)
 }
 
 fn millis(d: Option<&prost_types::Duration>) -> Option<f64> {
@@ -102,7 +96,7 @@ impl ResultRecord {
 pub fn ok_ids(log: &str) -> HashSet<String> {
     log.lines()
         .filter_map(|l| serde_json::from_str::<LogRecord>(l).ok())
-        .filter(|r| r.outcome == "ok")
+        .filter(|r| r.outcome == Outcome::Ok.as_str())
         .map(|r| r.id)
         .collect()
 }
@@ -116,7 +110,7 @@ mod tests {
         let r = proto::JobResult {
             job_id: "1".into(),
             batch_id: "b".into(),
-            outcome: Outcome::Ok as i32,
+            outcome: proto::Outcome::Ok as i32,
             output: vec![0xff, 0x00].into(),
             ..Default::default()
         };

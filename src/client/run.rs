@@ -16,12 +16,10 @@ use super::jobline::{self, LineDefaults, LineError};
 use super::lines::{Line, LineDecoder};
 use super::progress::Progress;
 use super::record::{LogRecord, ResultRecord};
-use super::{ClientError, Summary};
-use crate::config::ByteSize;
-use crate::proto::{
-    self, batch_service_client::BatchServiceClient, process_request::Kind, Outcome,
-};
-use crate::telemetry::TraceHeaders;
+use super::{ClientError, Summary, TraceHeaders};
+use crate::outcome::Outcome;
+use crate::proto::{self, batch_service_client::BatchServiceClient, process_request::Kind};
+use crate::units::ByteSize;
 
 /// Longest input line read; longer lines are reported and skipped.
 pub const MAX_LINE: usize = 64 * 1024 * 1024;
@@ -391,8 +389,8 @@ where
                 continue;
             };
             let retryable = matches!(
-                Outcome::try_from(r.outcome),
-                Ok(Outcome::Failed | Outcome::TimedOut)
+                Outcome::from_proto(r.outcome),
+                Some(Outcome::Failed | Outcome::TimedOut)
             );
             if retryable && t.attempts <= self.opts.retry && t.job.is_some() {
                 let backoff = self
@@ -553,12 +551,6 @@ mod tests {
     fn sizes_read_with_their_unit() {
         assert_eq!(size_text(16 << 20), "16MiB");
         assert_eq!(size_text(65_537), "65537 bytes");
-    }
-
-    #[test]
-    fn the_default_fits_a_default_daemon() {
-        let daemon = crate::config::Config::default().max_message_size;
-        assert_eq!(DEFAULT_MAX_MESSAGE, daemon.as_usize());
     }
 
     #[test]

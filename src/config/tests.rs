@@ -53,11 +53,21 @@ fn set_flag_and_units() {
 
 #[test]
 fn unrelated_env_is_ignored() {
+    // BATCHD_ENDPOINT is batchctl's, not a config field; HOME has no prefix. Neither may change a
+    // field or fail the load.
     let c = Config::load(
         &Flags::default(),
-        env(&[("BATCHD_ENDPOINT", "x"), ("HOME", "/")]),
-    );
-    assert!(c.is_ok());
+        env(&[("BATCHD_ENDPOINT", "x"), ("HOME", "/"), ("BATCHD_", "1")]),
+    )
+    .unwrap();
+    assert_eq!(c, Config::default());
+    // While a prefixed field name next to them is still read.
+    let c = Config::load(
+        &Flags::default(),
+        env(&[("BATCHD_ENDPOINT", "x"), ("BATCHD_WORKERS", "7")]),
+    )
+    .unwrap();
+    assert_eq!(c.workers, 7);
 }
 
 #[test]

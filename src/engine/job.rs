@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::handlers::Params;
+pub use crate::outcome::Outcome;
 
 /// A job as the client sent it, before admission.
 #[derive(Debug, Clone)]
@@ -50,21 +51,6 @@ pub enum Command {
     },
 }
 
-/// How a job ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// The handler succeeded.
-    Ok,
-    /// The handler failed.
-    Failed,
-    /// Stopped by the client or by shutdown before it finished.
-    Cancelled,
-    /// Ran longer than its timeout.
-    TimedOut,
-    /// Not admitted.
-    Rejected,
-}
-
 /// The one result of a job.
 #[derive(Debug, Clone)]
 pub struct JobResult {
@@ -82,28 +68,6 @@ pub struct JobResult {
     pub queued: Option<Duration>,
     /// Time the job ran; `None` for rejected jobs.
     pub ran: Option<Duration>,
-}
-
-impl Outcome {
-    /// Every outcome, for per-outcome counters.
-    pub const ALL: [Outcome; 5] = [
-        Outcome::Ok,
-        Outcome::Failed,
-        Outcome::Cancelled,
-        Outcome::TimedOut,
-        Outcome::Rejected,
-    ];
-
-    /// A short lowercase name, for logs and labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Failed => "failed",
-            Outcome::Cancelled => "cancelled",
-            Outcome::TimedOut => "timed_out",
-            Outcome::Rejected => "rejected",
-        }
-    }
 }
 
 impl JobResult {

@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,14 +19,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::job::{Command, JobRequest, JobResult, Outcome};
+use super::metrics::{EndReason, GaugeDeltas, LocalHistogram};
 use super::outbox::Sender;
 use super::running::{conclude, Finished, RunningJob};
 use super::scheduler::Lane;
-use super::{Counters, Inner, MAX_RESPONSE_BYTES};
+use super::trace::{JobSpan, SessionTrace};
+use super::{Inner, MAX_RESPONSE_BYTES};
 use crate::error::Error;
 use crate::handlers::{Handler, JobContext, JobInput, Params};
-use crate::telemetry::metrics::{outcome_index, EndReason, GaugeDeltas, LocalHistogram};
-use crate::telemetry::{JobSpan, SessionTrace};
 
 mod admit;
 mod end;
@@ -140,9 +139,9 @@ where
             trace,
             dropped_at,
         } = call;
-        engine.stats.calls_open.fetch_add(1, Ordering::Relaxed);
+        engine.metrics.call_opened();
         let lane = engine.scheduler.lane();
-        let gauges = engine.stats.gauge_deltas();
+        let gauges = engine.metrics.gauge_deltas();
         Self {
             engine,
             token,
@@ -182,19 +181,19 @@ where
             End::Status(Error::ShuttingDown) => EndReason::Shutdown,
             End::Status(_) => EndReason::Error,
         };
-        self.engine.stats.ended(reason);
+        self.engine.metrics.ended(reason);
         let detected = Instant::now();
         let held = !self.jobs.is_empty();
         match end {
             End::Ok => self.out.close(None),
             End::Gone => {
-                self.stop_all(reason.label());
+                self.stop_all(reason.as_str());
                 let from = self.dropped_at.get().copied().unwrap_or(detected);
                 self.observe_cancel(held, reason, from);
             }
             End::Status(e) => {
                 tracing::debug!(error = %e, "call ended");
-                self.stop_all(reason.label());
+                self.stop_all(reason.as_str());
                 // A deadline is known in advance: its jobs are late from the deadline on.
                 let from = match (reason, self.deadline) {
                     (EndReason::Deadline, Some(at)) => at.min(detected),
@@ -206,10 +205,10 @@ where
             }
         }
         if self.trace.is_sampled() {
-            let names = &self.engine.stats.handlers;
-            let mix: Vec<&str> = (0..names.len().min(64))
+            let metrics = &self.engine.metrics;
+            let mix: Vec<&str> = (0..64)
                 .filter(|i| self.handler_mix & (1 << i) != 0)
-                .map(|i| names[i].as_str())
+                .map(|i| metrics.handler_name(i))
                 .collect();
             self.trace.end(reason, self.outcomes, &mix.join(","));
         }
@@ -231,7 +230,7 @@ where
             // Every change of the last turn and this admission reaches the shared gauges before
             // the session waits (after the claim on the pool: whoever sees the jobs admitted also
             // finds them waiting for their turn).
-            self.engine.stats.fold_gauges(&mut self.gauges);
+            self.engine.metrics.fold_gauges(&mut self.gauges);
             if let Err(e) = admitted {
                 return End::Status(e);
             }
@@ -253,7 +252,7 @@ where
             let can_read = self.reading && self.pending.is_none() && self.has_room();
             let stalled = self.reading && !can_read;
             if stalled && !self.stalled {
-                Counters::add(&self.engine.stats.backpressure, 1);
+                self.engine.metrics.stalled();
             }
             self.stalled = stalled;
             tokio::select! {
@@ -323,9 +322,8 @@ where
                     self.gauges.queued(slot.handler_row, -1);
                     self.gauges.running(slot.handler_row, 1);
                     self.engine
-                        .stats
-                        .queue_time
-                        .observe_local(&mut self.queue_times, now - slot.admitted);
+                        .metrics
+                        .queued_for(&mut self.queue_times, now - slot.admitted);
                     slot.span.handle()
                 }
                 _ => {
@@ -383,9 +381,8 @@ where
         self.gauges.running(slot.handler_row, -1);
         let started = slot.running.unwrap_or(now);
         self.engine
-            .stats
-            .run_time
-            .observe_local(&mut self.run_times, now - started);
+            .metrics
+            .ran_for(&mut self.run_times, now - started);
         let cancelled_by = (done.outcome == Outcome::Cancelled).then_some("CancelJobs");
         let result = JobResult {
             job_id: done.id,
@@ -410,9 +407,9 @@ impl<S> Session<S> {
         span: JobSpan,
         cancelled_by: Option<&str>,
     ) {
-        let stats = &self.engine.stats;
-        stats.add_finished(row, result.outcome, 1);
-        Counters::add(&stats.results_buffered, 1);
+        let metrics = &self.engine.metrics;
+        metrics.finished(row, result.outcome, 1);
+        metrics.buffered(1);
         self.count(row, result.outcome, 1);
         span.end(&result, cancelled_by);
         self.held_bytes = self.held_bytes.saturating_add(result.wire_size());
@@ -432,11 +429,10 @@ impl<S> Session<S> {
             n += 1;
         }
         self.held_bytes = self.held_bytes.saturating_sub(size);
-        let stats = &self.engine.stats;
-        Counters::sub(&stats.results_buffered, n);
-        stats.coalesced.observe(n as u64);
-        stats.queue_time.fold(&mut self.queue_times);
-        stats.run_time.fold(&mut self.run_times);
+        let metrics = &self.engine.metrics;
+        metrics.unbuffered(n);
+        metrics.coalesced(n);
+        metrics.fold_times(&mut self.queue_times, &mut self.run_times);
         if n == self.ready.len() {
             // Usually everything fits: hand over the buffer itself and keep none.
             return Vec::from(std::mem::take(&mut self.ready));
@@ -446,7 +442,7 @@ impl<S> Session<S> {
 
     /// Counts `n` jobs of handler `row` ending with `outcome`, for the session span.
     fn count(&mut self, row: usize, outcome: Outcome, n: usize) {
-        let i = outcome_index(outcome);
+        let i = outcome.index();
         self.outcomes[i] = self.outcomes[i].saturating_add(n as u32);
         self.handler_mix |= 1u64.checked_shl(row as u32).unwrap_or(0);
     }

@@ -70,13 +70,7 @@ impl Exec {
     /// A handler running `spec`, whose stopped process groups `reaper` finishes off.
     pub fn new(spec: &ExecSpec, reaper: &Reaper) -> Result<Self, SpecError> {
         let compiled = spec.compile()?;
-        let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
-        if let Some(path) = std::env::var_os("PATH") {
-            env.insert("PATH".into(), path);
-        }
-        for (key, value) in &spec.env {
-            env.insert(key.into(), value.into());
-        }
+        let env = environment(std::env::var_os("PATH"), &spec.env);
         reaper.allow_grace(spec.kill_grace);
         Ok(Self {
             name: spec.name.clone(),
@@ -86,7 +80,7 @@ impl Exec {
             timeout: spec.timeout,
             max_output: spec.max_output.as_usize(),
             kill_grace: spec.kill_grace,
-            env: env.into_iter().collect(),
+            env,
             cwd: spec.cwd.clone(),
             permits: spec.concurrency.map(Semaphore::new),
             reaper: reaper.clone(),
@@ -175,7 +169,7 @@ impl Handler for Exec {
         let (group, pipes) = Group::spawn(&mut cmd, self.kill_grace, &self.reaper)
             .map_err(|e| HandlerError(format!("cannot start {:?}: {e}", self.program())))?;
         tracing::trace!(handler = %self.name, pgid = group.pgid().as_raw_pid(), "started");
-        crate::telemetry::record_exec_start(ctx.span(), self.program(), group.pgid().as_raw_pid());
+        record_start(ctx.span(), self.program(), group.pgid().as_raw_pid());
         let exchange = exchange(
             group,
             pipes,
@@ -187,6 +181,38 @@ impl Handler for Exec {
         // The engine enforces the handler's timeout (see `Handler::timeout`): on expiry it drops this
         // future, and with it the group, which kills the process group; the job ends TIMED_OUT.
         exchange.await
+    }
+}
+
+/// A command's whole environment: the daemon's `PATH` (when it has one), then the spec's variables,
+/// which may replace it.
+fn environment(
+    path: Option<OsString>,
+    spec: &BTreeMap<String, String>,
+) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
+    if let Some(path) = path {
+        env.insert("PATH".into(), path);
+    }
+    for (key, value) in spec {
+        env.insert(key.into(), value.into());
+    }
+    env.into_iter().collect()
+}
+
+/// Records the command's name and pid on the job's span (fields the engine's job span declares; a
+/// no-op for untraced jobs).
+fn record_start(span: &tracing::Span, command: &str, pid: i32) {
+    if !span.is_disabled() {
+        span.record("exec.command", command);
+        span.record("exec.pid", pid);
+    }
+}
+
+/// Records the command's exit status on the job's span.
+fn record_exit(span: &tracing::Span, status: &ExitStatus) {
+    if !span.is_disabled() {
+        span.record("exec.exit_status", tracing::field::display(status));
     }
 }
 
@@ -229,7 +255,7 @@ async fn exchange(
             res = group.wait(), if status.is_none() => {
                 let exited = res
                     .map_err(|e| HandlerError(format!("waiting for the command: {e}")))?;
-                crate::telemetry::record_exec_exit(span, &exited);
+                record_exit(span, &exited);
                 status = Some(exited);
                 if output.is_none() {
                     // The command exited, but something it started still holds its stdout or

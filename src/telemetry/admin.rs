@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::metrics::{render, ProcessFigures};
+use super::prometheus::render;
 use crate::engine::Engine;
 
 /// Admin connections served at once; more wait in the listener's backlog.
@@ -84,11 +84,7 @@ fn respond(req: &Request<Incoming>, engine: &Engine) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
-            let body = render(
-                engine.metrics(),
-                engine.stats().free_workers,
-                ProcessFigures::read(),
-            );
+            let body = render(engine);
             let mut res = Response::new(Full::new(Bytes::from(body)));
             if let Ok(v) = "text/plain; version=0.0.4; charset=utf-8".parse() {
                 res.headers_mut().insert(hyper::header::CONTENT_TYPE, v);

@@ -12,7 +12,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use super::{shut_down, Otlp, TelemetryError};
-use crate::client::Summary;
+use crate::client::{Summary, TraceHeaders};
+use crate::outcome::Outcome;
 
 /// The service `batchctl run` calls, for `rpc.service`.
 const RUN_SERVICE: &str = "batchd.v1.BatchService";
@@ -33,15 +34,6 @@ pub struct ClientTelemetry {
 pub struct RunTrace {
     pub(super) span: Option<opentelemetry_sdk::trace::Span>,
     headers: TraceHeaders,
-}
-
-/// The W3C trace context sent with an outgoing call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TraceHeaders {
-    /// The `traceparent` value.
-    pub traceparent: String,
-    /// The `tracestate` value, when there is one.
-    pub tracestate: Option<String>,
 }
 
 /// How a `batchctl` run ended, recorded as `batchctl.end`.
@@ -106,7 +98,7 @@ impl ClientTelemetry {
 
     /// Starts the `batchctl.run` span of a call of `method` to the daemon at `endpoint`, a child of
     /// the `TRACEPARENT` (and `TRACESTATE`) variable when valid. Without tracing: no span, and the
-    /// headers of [`outgoing_traceparent`].
+    /// headers of [`crate::client::outgoing_traceparent`].
     pub fn start_run(&self, method: &'static str, endpoint: &str) -> RunTrace {
         self.start_run_with(method, endpoint, |k| std::env::var(k).ok())
     }
@@ -213,9 +205,9 @@ impl RunTrace {
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         span.set_attribute(KeyValue::new("batchctl.jobs.sent", int(summary.sent)));
         span.set_attribute(KeyValue::new("batchctl.jobs.done", int(summary.done)));
-        let names = ["ok", "failed", "cancelled", "timed_out", "rejected"];
-        for (name, n) in names.into_iter().zip(summary.outcomes) {
-            span.set_attribute(KeyValue::new(format!("batchctl.results.{name}"), int(n)));
+        for (o, n) in Outcome::ALL.into_iter().zip(summary.outcomes) {
+            let name = format!("batchctl.results.{}", o.as_str());
+            span.set_attribute(KeyValue::new(name, int(n)));
         }
         span.set_attribute(KeyValue::new("batchctl.bad_lines", int(summary.bad_lines)));
         span.set_attribute(KeyValue::new("batchctl.retried", int(summary.retried)));
@@ -242,59 +234,4 @@ impl RunTrace {
         }
         span.end();
     }
-}
-
-// === impl TraceHeaders ===
-
-impl TraceHeaders {
-    /// A `traceparent` of no exported span ([`outgoing_traceparent`]): a child of `parent` when
-    /// valid, else a new sampled trace.
-    pub fn generated(parent: Option<&str>) -> Self {
-        Self {
-            traceparent: outgoing_traceparent(parent),
-            tracestate: None,
-        }
-    }
-
-    /// Adds `traceparent` (and `tracestate`) to a call's metadata; a value that is not valid
-    /// metadata is left out.
-    pub fn insert_into(&self, metadata: &mut tonic::metadata::MetadataMap) {
-        if let Ok(v) = self.traceparent.parse() {
-            metadata.insert("traceparent", v);
-        }
-        if let Some(Ok(v)) = self.tracestate.as_deref().map(str::parse) {
-            metadata.insert("tracestate", v);
-        }
-    }
-}
-
-/// A W3C `traceparent` for an outgoing call: a child of `parent` (a `traceparent` value, e.g. the
-/// `TRACEPARENT` variable) when it is valid, else a new sampled trace.
-pub fn outgoing_traceparent(parent: Option<&str>) -> String {
-    let span_id = random_u64().max(1);
-    let inherited = parent.and_then(|p| {
-        let mut parts = p.trim().split('-');
-        let (version, trace, _span, flags) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        (version == "00" && hex(trace, 32) && hex(flags, 2) && trace != "0".repeat(32))
-            .then(|| (trace.to_ascii_lowercase(), flags.to_ascii_lowercase()))
-    });
-    let (trace, flags) = inherited.unwrap_or_else(|| {
-        let t = (u128::from(random_u64()) << 64) | u128::from(random_u64().max(1));
-        (format!("{t:032x}"), "01".into())
-    });
-    format!("00-{trace}-{span_id:016x}-{flags}")
-}
-
-/// 64 random bits from the standard library's per-process seeded hasher (ids, not secrets).
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }

@@ -9,9 +9,9 @@ use futures_util::Stream;
 use super::{Queued, Session, Slot};
 use crate::engine::job::{Command, JobRequest, JobResult, Outcome};
 use crate::engine::running::RunningJob;
+use crate::engine::trace::{self, JobSpan};
 use crate::error::Error;
 use crate::handlers::{quote, Handler};
-use crate::telemetry::{self, JobSpan};
 
 impl<S> Session<S>
 where
@@ -29,7 +29,7 @@ where
                     )));
                 }
                 let span = match self.trace.is_sampled() {
-                    true => telemetry::batch_span(self.trace.span(), &batch_id, jobs.len()),
+                    true => trace::batch_span(self.trace.span(), &batch_id, jobs.len()),
                     false => tracing::Span::none(),
                 };
                 self.pending = Some((batch_id, jobs.into_iter(), span));
@@ -99,7 +99,7 @@ where
             Err(_) => self.row_of(&job.handler),
         };
         let span = match self.trace.is_sampled() {
-            true => telemetry::job_span(batch_span, &job.id, &job.handler),
+            true => trace::job_span(batch_span, &job.id, &job.handler),
             false => JobSpan::none(),
         };
         let vacant = match (checked.is_ok(), self.jobs.entry(job.id.clone())) {

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 
-use super::{Counters, End, Session, FINAL_FLUSH};
+use super::{End, Session, FINAL_FLUSH};
 use crate::engine::job::{Command, JobResult, Outcome};
+use crate::engine::metrics::EndReason;
 use crate::error::Error;
-use crate::telemetry::metrics::EndReason;
 
 impl<S> Session<S>
 where
@@ -98,25 +98,25 @@ impl<S> Session<S> {
     pub(super) fn observe_cancel(&self, held: bool, why: EndReason, from: Instant) {
         if held {
             let latency = Instant::now().saturating_duration_since(from);
-            self.engine.stats.observe_cancel(why, latency);
+            self.engine.metrics.observe_cancel(why, latency);
         }
     }
 
     /// Counts every unfinished job as cancelled by `why`, ends its span and forgets it.
     fn drop_jobs(&mut self, why: &str) {
         let engine = Arc::clone(&self.engine);
-        let stats = &engine.stats;
+        let metrics = &engine.metrics;
         for (_, slot) in std::mem::take(&mut self.jobs) {
             self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
             match slot.running {
                 Some(_) => self.gauges.running(slot.handler_row, -1),
                 None => self.gauges.queued(slot.handler_row, -1),
             }
-            stats.add_finished(slot.handler_row, Outcome::Cancelled, 1);
+            metrics.finished(slot.handler_row, Outcome::Cancelled, 1);
             self.count(slot.handler_row, Outcome::Cancelled, 1);
             slot.span.cancelled(why, slot.admitted, slot.running);
         }
-        stats.fold_gauges(&mut self.gauges);
+        metrics.fold_gauges(&mut self.gauges);
     }
 }
 
@@ -124,10 +124,9 @@ impl<S> Drop for Session<S> {
     fn drop(&mut self) {
         // Gauges follow what the session still held when it ended, whatever the reason.
         self.drop_jobs("the call ended");
-        let stats = &self.engine.stats;
-        stats.queue_time.fold(&mut self.queue_times);
-        stats.run_time.fold(&mut self.run_times);
-        Counters::sub(&stats.results_buffered, self.ready.len());
-        Counters::sub(&stats.calls_open, 1);
+        let metrics = &self.engine.metrics;
+        metrics.fold_times(&mut self.queue_times, &mut self.run_times);
+        metrics.unbuffered(self.ready.len());
+        metrics.call_closed();
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{units, ByteSize};
 use crate::handlers::Registry;
+use crate::units::{self, ByteSize};
 
 /// Longest `kill_grace`: shutdown waits about this long for the process groups of cancelled jobs.
 pub const MAX_KILL_GRACE: Duration = Duration::from_secs(60);

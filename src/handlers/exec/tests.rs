@@ -75,7 +75,7 @@ fn errors_name_the_handler_and_the_field() {
 
 #[test]
 fn validation_against_the_daemon() {
-    let max_out = crate::config::ByteSize::mib(8);
+    let max_out = crate::units::ByteSize::mib(8);
     let max_t = Duration::from_secs(3600);
     let echo = ExecSpec::new("echo", &["cat"]);
     let e = validate(&[echo], max_out, max_t).unwrap_err().to_string();
@@ -86,7 +86,7 @@ fn validation_against_the_daemon() {
     assert_eq!(e.field, "name");
 
     let mut big = a.clone();
-    big.max_output = crate::config::ByteSize::mib(9);
+    big.max_output = crate::units::ByteSize::mib(9);
     let e = validate(&[big], max_out, max_t).unwrap_err();
     assert_eq!(e.field, "max_output");
 
@@ -170,17 +170,30 @@ fn rules_match_the_whole_value_even_without_anchors() {
 
 #[test]
 fn the_environment_is_cleared_but_for_path_and_the_spec() {
+    let os = |pairs: &[(&str, &str)]| -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    };
+    let mut vars = BTreeMap::new();
+    vars.insert("LC_ALL".to_owned(), "C".to_owned());
+    let daemon_path = Some(OsString::from("/usr/bin:/bin"));
+    assert_eq!(
+        environment(daemon_path.clone(), &vars),
+        os(&[("LC_ALL", "C"), ("PATH", "/usr/bin:/bin")])
+    );
+    assert_eq!(environment(None, &vars), os(&[("LC_ALL", "C")]));
+    vars.insert("PATH".into(), "/opt/bin".into());
+    assert_eq!(
+        environment(daemon_path, &vars),
+        os(&[("LC_ALL", "C"), ("PATH", "/opt/bin")])
+    );
+    // What a handler really gets: the same, from the daemon's own environment.
     let mut s = spec(&["env"], &[]);
     s.env.insert("LC_ALL".into(), "C".into());
     let exec = Exec::new(&s, &Reaper::new()).unwrap();
-    let keys: Vec<_> = exec.env.iter().map(|(k, _)| k.to_string_lossy()).collect();
-    if std::env::var_os("PATH").is_some() {
-        assert_eq!(keys, ["LC_ALL", "PATH"]);
-    }
-    s.env.insert("PATH".into(), "/opt/bin".into());
-    let exec = Exec::new(&s, &Reaper::new()).unwrap();
-    let path = exec.env.iter().find(|(k, _)| k == "PATH").unwrap();
-    assert_eq!(path.1, "/opt/bin");
+    assert_eq!(exec.env, environment(std::env::var_os("PATH"), &s.env));
 }
 
 #[test]

@@ -1,16 +1,32 @@
-//! The daemon's trace spans (session, batch, job, exec), kept apart from the exporter set-up.
+//! The engine's trace spans (session, batch, job), as plain `tracing` spans on their own target.
+//!
+//! The engine only makes and fills spans; `telemetry` decides whether any are exported (it turns
+//! them on with [`enable`] once an OpenTelemetry layer is installed) and gives each call's span its
+//! remote parent. Off, a call pays one relaxed load and its jobs nothing.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::metrics::{self, EndReason};
-use super::{TRACE_TARGET, TRACING};
-use crate::engine::{JobResult, Outcome};
+use super::job::{JobResult, Outcome};
+use super::metrics::EndReason;
+
+/// The target of the engine's trace spans; the log output never shows them.
+pub const TARGET: &str = "batchd::trace";
+
+/// Whether spans are exported: the engine makes them only then.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns the engine's spans on (the telemetry set-up does, once spans have somewhere to go).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Whether the engine's spans are on.
+pub fn is_enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// The span of one call and whether it is sampled (job spans are made only then).
 #[derive(Debug)]
@@ -23,9 +39,6 @@ pub struct SessionTrace {
 #[derive(Debug, Default)]
 pub struct JobSpan(Option<Box<tracing::Span>>);
 
-/// Reads W3C trace context from gRPC metadata.
-struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
-
 // === impl SessionTrace ===
 
 impl SessionTrace {
@@ -37,17 +50,14 @@ impl SessionTrace {
         }
     }
 
-    /// The span of a new call of `rpc` from `peer`, child of the W3C trace context in `metadata`.
-    pub fn start(
-        rpc: &'static str,
-        metadata: &tonic::metadata::MetadataMap,
-        peer: Option<std::net::SocketAddr>,
-    ) -> Self {
-        if !TRACING.load(Ordering::Relaxed) {
-            return Self::none();
+    /// The `batchd.session` span of a new call of `rpc` from `peer`, with no parent yet (disabled
+    /// while spans are off); [`SessionTrace::new`] takes it back once its parent is set.
+    pub fn span_for(rpc: &'static str, peer: Option<std::net::SocketAddr>) -> tracing::Span {
+        if !is_enabled() {
+            return tracing::Span::none();
         }
         let span = tracing::info_span!(
-            target: TRACE_TARGET,
+            target: TARGET,
             parent: None,
             "batchd.session",
             otel.kind = "server",
@@ -67,9 +77,11 @@ impl SessionTrace {
         if let Some(peer) = peer {
             span.record("net.peer", tracing::field::display(peer));
         }
-        let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
-        let _ = span.set_parent(parent);
-        let sampled = span.context().span().span_context().is_sampled();
+        span
+    }
+
+    /// A call traced by `span`, whose job spans are made when `sampled`.
+    pub fn new(span: tracing::Span, sampled: bool) -> Self {
         Self { span, sampled }
     }
 
@@ -91,17 +103,10 @@ impl SessionTrace {
             outcomes.iter().map(|&n| u64::from(n)).sum::<u64>(),
         );
         for (o, n) in Outcome::ALL.iter().zip(outcomes) {
-            let field = match o {
-                Outcome::Ok => "session.ok",
-                Outcome::Failed => "session.failed",
-                Outcome::Cancelled => "session.cancelled",
-                Outcome::TimedOut => "session.timed_out",
-                Outcome::Rejected => "session.rejected",
-            };
-            span.record(field, n);
+            span.record(format!("session.{}", o.as_str()).as_str(), n);
         }
         span.record("session.handlers", handlers);
-        span.record("session.end", reason.label());
+        span.record("session.end", reason.as_str());
         if matches!(reason, EndReason::Error | EndReason::Deadline) {
             span.record("otel.status_code", "error");
         }
@@ -111,7 +116,7 @@ impl SessionTrace {
 /// The span of a batch of `jobs` jobs, child of the session span.
 pub(crate) fn batch_span(session: &tracing::Span, batch_id: &str, jobs: usize) -> tracing::Span {
     tracing::info_span!(
-        target: TRACE_TARGET,
+        target: TARGET,
         parent: session,
         "batchd.batch",
         batch.id = batch_id,
@@ -119,10 +124,11 @@ pub(crate) fn batch_span(session: &tracing::Span, batch_id: &str, jobs: usize) -
     )
 }
 
-/// The span of one job, child of its batch's span (made only for sampled calls).
+/// The span of one job, child of its batch's span (made only for sampled calls). Handlers may fill
+/// `exec.command`, `exec.pid` and `exec.exit_status` through their job context's span.
 pub(crate) fn job_span(batch: &tracing::Span, id: &str, handler: &str) -> JobSpan {
     JobSpan(Some(Box::new(tracing::info_span!(
-        target: TRACE_TARGET,
+        target: TARGET,
         parent: batch,
         "batchd.job",
         job.id = id,
@@ -160,7 +166,7 @@ impl JobSpan {
         let Some(span) = self.0 else {
             return;
         };
-        span.record("job.outcome", metrics::outcome_label(result.outcome));
+        span.record("job.outcome", result.outcome.as_str());
         if let Some(q) = result.queued {
             span.record("job.queued_seconds", q.as_secs_f64());
         }
@@ -180,54 +186,18 @@ impl JobSpan {
 
     /// Ends the span of a job stopped with its call (`why`: the call's end reason), admitted at
     /// `admitted` and started at `started` if it ran.
-    pub(crate) fn cancelled(
-        self,
-        why: &str,
-        admitted: std::time::Instant,
-        started: Option<std::time::Instant>,
-    ) {
+    pub(crate) fn cancelled(self, why: &str, admitted: Instant, started: Option<Instant>) {
         let Some(span) = self.0 else {
             return;
         };
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let start = started.unwrap_or(now);
-        span.record("job.outcome", "cancelled");
+        span.record("job.outcome", Outcome::Cancelled.as_str());
         span.record("job.cancelled_by", why);
         span.record("job.error", format!("stopped with its call ({why})"));
         let queued = start.saturating_duration_since(admitted);
         span.record("job.queued_seconds", queued.as_secs_f64());
         let ran = now.saturating_duration_since(start);
         span.record("job.run_seconds", ran.as_secs_f64());
-    }
-}
-
-/// Records an exec job's command name and pid on its span (a no-op for untraced jobs).
-pub fn record_exec_start(span: &tracing::Span, command: &str, pid: i32) {
-    if !span.is_disabled() {
-        span.record("exec.command", command);
-        span.record("exec.pid", pid);
-    }
-}
-
-/// Records an exec job's exit status on its span.
-pub fn record_exec_exit(span: &tracing::Span, status: &std::process::ExitStatus) {
-    if !span.is_disabled() {
-        span.record("exec.exit_status", tracing::field::display(status));
-    }
-}
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
     }
 }

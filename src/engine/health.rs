@@ -3,9 +3,10 @@
 //! "Busy" is not "wedged": every worker slot may rightly be held by hour-long jobs. The engine is
 //! wedged when work that could go on does not: a slot the scheduler granted is not taken by its
 //! call (the call's task is no longer polled: a handler blocked its thread, or a wake-up was lost),
-//! slots stay free while calls wait for one, or the probe below stops taking its turns (the runtime
-//! no longer runs the engine's tasks). [`Engine::health`] checks all three on demand; the systemd
-//! watchdog and `/healthz` ask it.
+//! slots stay free while calls wait for one, a runtime thread is stuck inside one poll (blocked in
+//! a system call or on a lock: whatever tasks wait on that thread, the accept loop or calls, are
+//! stuck with it), or the probe below stops taking its turns (no runtime thread runs tasks at all).
+//! [`Engine::health`] checks them on demand; the systemd watchdog and `/healthz` ask it.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,9 @@ pub enum Stall {
     /// A call has left a worker slot granted to it untaken for this long: its task is stuck.
     #[error("a call has not taken the worker slot granted to it {} ago", human(*.0))]
     GrantUntaken(Duration),
+    /// A runtime thread has been inside one poll this long: the tasks that wait on it are stuck.
+    #[error("a runtime thread has been stuck in one task for {}", human(*.0))]
+    ThreadBlocked(Duration),
     /// Worker slots are free while calls wait for slots: the scheduler lost a grant.
     #[error("{free} worker slots are free while calls wait for {wanted}")]
     IdleSlots {
@@ -42,6 +46,8 @@ pub(super) struct Heartbeat {
     born: Instant,
     /// Microseconds after `born` of the probe's last turn, plus one; 0 while no probe runs.
     last: AtomicU64,
+    /// Microseconds after `born`, plus one, since when a runtime thread is stuck; 0: none is.
+    blocked_since: AtomicU64,
     /// How long progress may be missing before the engine counts as wedged.
     stall_timeout: Duration,
 }
@@ -51,20 +57,68 @@ impl Heartbeat {
         Self {
             born: Instant::now(),
             last: AtomicU64::new(0),
+            blocked_since: AtomicU64::new(0),
             stall_timeout,
         }
     }
 
+    /// `at` as stored: microseconds after `born`, plus one (0 stands for "never").
+    fn stamp(&self, at: Instant) -> u64 {
+        let micros = at.saturating_duration_since(self.born).as_micros();
+        u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// How long before `now` the stamp in `cell` was; `None` for "never".
+    fn since(&self, cell: &AtomicU64, now: Instant) -> Option<Duration> {
+        let stamp = cell.load(Ordering::Relaxed).checked_sub(1)?;
+        let at = self.born + Duration::from_micros(stamp);
+        Some(now.saturating_duration_since(at))
+    }
+
     fn beat(&self) {
-        let micros = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
-        self.last.store(micros + 1, Ordering::Relaxed);
+        self.last
+            .store(self.stamp(Instant::now()), Ordering::Relaxed);
     }
 
     /// How long ago the probe's last turn was; `None` while no probe runs.
     fn age(&self, now: Instant) -> Option<Duration> {
-        let last = self.last.load(Ordering::Relaxed).checked_sub(1)?;
-        let at = self.born + Duration::from_micros(last);
-        Some(now.saturating_duration_since(at))
+        self.since(&self.last, now)
+    }
+}
+
+/// Watches the runtime's threads for one stuck inside a poll: busy (not parked) and neither its
+/// busy time nor its park count moving. Tokio updates both after every few dozen polls and at
+/// every park, so a thread that polls on, however busy, keeps moving them.
+struct Threads {
+    /// Per worker: its busy time and park/unpark count at the last change, and when that was.
+    seen: Vec<(Duration, u64, Instant)>,
+}
+
+impl Threads {
+    fn new() -> Self {
+        Self { seen: Vec::new() }
+    }
+
+    /// Since when the longest-stuck worker has been stuck, if one is.
+    fn stuck_since(&mut self, now: Instant) -> Option<Instant> {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return None;
+        };
+        let metrics = handle.metrics();
+        let workers = metrics.num_workers();
+        self.seen.resize(workers, (Duration::ZERO, u64::MAX, now));
+        let mut oldest: Option<Instant> = None;
+        for (i, seen) in self.seen.iter_mut().enumerate() {
+            let busy = metrics.worker_total_busy_duration(i);
+            let park = metrics.worker_park_unpark_count(i);
+            if (busy, park) != (seen.0, seen.1) {
+                *seen = (busy, park, now);
+            } else if park % 2 == 0 {
+                // An even count: the worker is not parked, and has not moved since `seen.2`.
+                oldest = Some(oldest.map_or(seen.2, |o| o.min(seen.2)));
+            }
+        }
+        oldest
     }
 }
 
@@ -89,6 +143,11 @@ impl Engine {
                 return Err(Stall::ProbeLate(age));
             }
         }
+        if let Some(age) = beat.since(&beat.blocked_since, now) {
+            if age > beat.stall_timeout {
+                return Err(Stall::ThreadBlocked(age));
+            }
+        }
         match self.inner.scheduler.stall(now, beat.stall_timeout) {
             None => Ok(()),
             Some(PoolStall::GrantUntaken(age)) => Err(Stall::GrantUntaken(age)),
@@ -108,6 +167,7 @@ impl Engine {
     pub async fn probe(self) {
         let every = (self.inner.heartbeat.stall_timeout / 4).clamp(PROBE_EVERY.0, PROBE_EVERY.1);
         let mut lane = self.inner.scheduler.lane();
+        let mut threads = Threads::new();
         let mut waiting = false;
         loop {
             if !waiting {
@@ -122,7 +182,12 @@ impl Engine {
                 // Every slot is busy: the request keeps its place in the ring.
                 () = tokio::time::sleep(every) => {}
             }
-            self.inner.heartbeat.beat();
+            let beat = &self.inner.heartbeat;
+            let stuck = threads
+                .stuck_since(Instant::now())
+                .map_or(0, |at| beat.stamp(at));
+            beat.blocked_since.store(stuck, Ordering::Relaxed);
+            beat.beat();
             if !waiting {
                 tokio::time::sleep(every).await;
             }

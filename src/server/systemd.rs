@@ -285,7 +285,8 @@ fn run(systemd: &Systemd, engine: &Engine, rx: &mpsc::Receiver<Phase>) {
                     }
                 }
             }
-            next_ping = ping_every.map(|p| (at + p).max(now));
+            // From now: the checks above may have waited (on a stuck log, say).
+            next_ping = ping_every.map(|p| (at + p).max(Instant::now() + p / 2));
         }
         if next_status <= now {
             next_status = now + status_every;

@@ -24,7 +24,7 @@ pub mod systemd;
 use systemd::{Notifier, Systemd};
 
 /// How long, after the grace period, calls get to deliver their last results and close.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A flow-control window as h2 takes it (validated to fit in 31 bits).
 fn window(size: crate::config::ByteSize) -> u32 {

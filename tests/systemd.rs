@@ -470,3 +470,76 @@ async fn a_passed_socket_that_does_not_listen_is_refused() {
         daemon.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_makes_progress_asks_for_more_time() {
+    use batchd::proto::batch_service_client::BatchServiceClient;
+    use batchd::proto::{Job, JobBatch};
+
+    let notify = NotifySocket::bind();
+    let mut daemon = Batchd::start(
+        PORT_0,
+        &watchdog_env(&notify),
+        "export WATCHDOG_PID=$$;",
+        vec![],
+    );
+    notify.until("READY=1", LIVENESS).await;
+    let addr = daemon.addr().await;
+    let mut client = BatchServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    // Jobs ending one after another over 2.4 s: the drain advances at every status tick (300 ms).
+    let jobs = (1..=8)
+        .map(|i| Job {
+            id: i.to_string(),
+            handler: "sleep".into(),
+            params: [("ms".to_owned(), (300 * i).to_string())].into(),
+            ..Job::default()
+        })
+        .collect();
+    let mut results = client
+        .run_batch(JobBatch {
+            batch_id: "drain".into(),
+            jobs,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(LIVENESS, results.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the first result");
+    daemon.signal("TERM");
+
+    let mut stopping = false;
+    let mut extends = Vec::new();
+    let deadline = Instant::now() + LIVENESS;
+    while daemon.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "batchd does not exit");
+        let Some((_, msg)) = notify.next(Duration::from_millis(100)).await else {
+            continue;
+        };
+        stopping |= has(&msg, "STOPPING=1");
+        if let Some(v) = msg
+            .lines()
+            .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+        {
+            assert!(stopping, "EXTEND_TIMEOUT_USEC before STOPPING: {msg:?}");
+            assert!(has(&msg, "STATUS=draining: "), "{msg:?}");
+            extends.push(v.parse::<u64>().unwrap());
+        }
+    }
+    assert!(stopping, "no STOPPING=1");
+    assert!(!extends.is_empty(), "the drain advanced but asked for no time");
+    // Three status ticks of 300 ms: longer than the wait for the next one.
+    assert!(extends.iter().all(|&us| us == 900_000), "{extends:?}");
+
+    // The drain let every job finish.
+    let mut done = first.results.len();
+    while let Some(msg) = results.message().await.unwrap() {
+        done += msg.results.len();
+    }
+    assert_eq!(done, 8);
+    assert!(daemon.exit().await.success(), "{}", daemon.stderr());
+}

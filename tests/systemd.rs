@@ -531,7 +531,10 @@ async fn a_drain_that_makes_progress_asks_for_more_time() {
         }
     }
     assert!(stopping, "no STOPPING=1");
-    assert!(!extends.is_empty(), "the drain advanced but asked for no time");
+    assert!(
+        !extends.is_empty(),
+        "the drain advanced but asked for no time"
+    );
     // Three status ticks of 300 ms: longer than the wait for the next one.
     assert!(extends.iter().all(|&us| us == 900_000), "{extends:?}");
 

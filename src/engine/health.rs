@@ -87,8 +87,9 @@ impl Heartbeat {
 }
 
 /// Watches the runtime's threads for one stuck inside a poll: busy (not parked) and neither its
-/// busy time nor its park count moving. Tokio updates both after every few dozen polls and at
-/// every park, so a thread that polls on, however busy, keeps moving them.
+/// busy time nor its park count moving. Tokio publishes both every 61 polls and at every park, so
+/// a thread that polls on, however busy, keeps moving them; only polls averaging over a 61st of
+/// `stall_timeout` (160 ms by default), themselves blocking bugs, could look stuck.
 struct Threads {
     /// Per worker: its busy time and park/unpark count at the last change, and when that was.
     seen: Vec<(Duration, u64, Instant)>,

@@ -57,7 +57,7 @@ fi
 t0=$SECONDS
 # --format docker: OCI images have no HEALTHCHECK.
 podman build --quiet --pull=never --format docker \
-  --build-arg BINARIES=prebuilt --build-arg RUNTIME_IMAGE="$BASE" \
+  --target prebuilt --build-arg RUNTIME_IMAGE="$BASE" \
   -f deploy/container/Dockerfile -t "$IMAGE" . >/dev/null
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 echo "image build: $((SECONDS - t0))s, $IMAGE: $((size / 1000000)) MB"

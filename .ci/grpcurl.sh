@@ -23,7 +23,7 @@ export PATH="$venv/bin:$PATH"
 version=$(grpcurl -version 2>&1)
 [[ "$version" == *"v1.8.6"* ]] || { echo "grpcurl is not 1.8.6: $version" >&2; exit 1; }
 
-cargo build --release --locked --quiet --bin batchd
+cargo build --release --locked --quiet --bins
 
 work=$(mktemp -d)
 pid=

@@ -193,7 +193,18 @@ fn the_environment_is_cleared_but_for_path_and_the_spec() {
     let mut s = spec(&["env"], &[]);
     s.env.insert("LC_ALL".into(), "C".into());
     let exec = Exec::new(&s, &Reaper::new()).unwrap();
-    assert_eq!(exec.env, environment(std::env::var_os("PATH"), &s.env));
+    let want: Vec<CString> = environment(std::env::var_os("PATH"), &s.env)
+        .into_iter()
+        .map(|(k, v)| {
+            let var = format!("{}={}", k.to_str().unwrap(), v.to_str().unwrap());
+            CString::new(var).unwrap()
+        })
+        .collect();
+    assert_eq!(exec.env, want);
+    assert_eq!(
+        exec.search_path.as_deref(),
+        std::env::var_os("PATH").as_deref().map(OsStrExt::as_bytes)
+    );
 }
 
 #[test]

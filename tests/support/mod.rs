@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod otlp;
+pub mod procs;
 
 use std::collections::HashMap;
 use std::future::Future;

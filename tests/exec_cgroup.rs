@@ -380,6 +380,47 @@ async fn after_kill_9_a_restarted_daemon_kills_what_the_old_one_left() {
     drop(restarted);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_jobs_keep_their_exit_status_while_batchd_reaps_orphans() {
+    // Every command's exit sends SIGCHLD, which wakes the orphan reaping of the subreaper: it must
+    // never take a command's exit status from its job (a job would fail with ECHILD).
+    let root = require_cgroups();
+    let cgroup = TestCgroup::new(&root, "short");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "[[exec]]\nname = \"ok\"\ncommand = [\"true\"]\n\n\
+         [[exec]]\nname = \"three\"\ncommand = [\"sh\", \"-c\", \"exit 3\"]\n\n\
+         [[exec]]\nname = \"ok_pg\"\ncommand = [\"true\"]\nisolation = \"process-group\"\n",
+    );
+    let daemon = start_daemon(&cgroup.dir, &config).await;
+    let mut call = OpenCall::open_at(daemon.url.clone()).await;
+    let n = 300;
+    let handlers = ["ok", "three", "ok_pg"];
+    let jobs = (0..n)
+        .map(|i| {
+            let h = handlers[i % 3];
+            job(&format!("{h}-{i}"), h, b"", &[])
+        })
+        .collect();
+    call.send(batch("b", jobs)).await;
+    call.half_close();
+    let results = call.finish_ok(LIVENESS * 2).await;
+    assert_eq!(results.len(), n);
+    for r in &results {
+        if r.job_id.starts_with("three") {
+            assert_eq!(outcome(r), Outcome::Failed, "{r:?}");
+            assert!(r.error.contains("exit status: 3"), "{r:?}");
+        } else {
+            assert_eq!(outcome(r), Outcome::Ok, "{r:?}");
+        }
+    }
+    wait_until("the job cgroups are removed", LIVENESS, || {
+        job_cgroups(&cgroup.dir).is_empty()
+    })
+    .await;
+}
+
 // === limits ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,13 +117,15 @@ pub fn register(registry: &mut Registry, specs: &[ExecSpec]) -> Result<Reaper, S
 ///   and counted in [`figures`]).
 /// - Logs the isolation in force and each handler's.
 ///
-/// Reaping orphans takes every exited child that sends SIGCHLD: call it only in a process that
-/// starts no children of its own besides exec commands (the batchd binary, not a test harness).
+/// Orphans are re-parented to the process's main thread, and reaping them takes every exited child
+/// of that thread: call it only in a process whose main thread starts no children of its own (the
+/// batchd binary, not a test harness), and start exec jobs from runtime worker threads.
 pub fn start_up(reaper: &Reaper) {
-    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
-        .map_err(std::io::Error::from)
-        .and_then(|()| reaper.reap_orphans())
-    {
+    // Reaping first: a subreaper that does not reap would collect zombies.
+    if let Err(e) = reaper.reap_orphans().and_then(|()| {
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .map_err(std::io::Error::from)
+    }) {
         tracing::warn!("cannot become the subreaper of exec commands: {e}");
     }
     match cgroups() {

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::cgroup::{Cgroups, JobCgroup, Limits};
 use super::pipes::{self, Pipes};
-use super::reaper::{Reaper, STARTED};
+use super::reaper::{self, Reaper, STARTED};
 use super::spawn::{self, Exit, Request};
 use super::Isolation;
 
@@ -57,8 +57,12 @@ pub(super) struct Tree {
     runtime: Handle,
 }
 
-/// The command's own process, until it is reaped.
-type Leader = Exit;
+/// The command's own process, until it is reaped: listed as a leader meanwhile, so that orphan
+/// reaping never takes its exit status.
+struct Leader {
+    exit: Exit,
+    pid: Pid,
+}
 
 /// The task that finishes a tree after its job went away: SIGKILL after the grace, reap the leader,
 /// remove the cgroup.
@@ -113,11 +117,13 @@ impl Tree {
         };
         STARTED[mode as usize].fetch_add(1, Ordering::Relaxed);
         let pgid = spawned.pid;
+        reaper::leader_started(pgid);
         let leader = match Exit::register(spawned.pidfd) {
-            Ok(leader) => leader,
+            Ok(exit) => Leader { exit, pid: pgid },
             Err(e) => {
                 kill(pgid, cgroup.as_deref());
                 spawn::reap_blocking(pgid);
+                reaper::leader_done(pgid);
                 return Err(context(e, "watching its exit"));
             }
         };
@@ -277,6 +283,22 @@ impl Drop for Killer {
             kill(self.pgid, self.cgroup.as_deref());
             self.reaper.forget(self.pgid);
         }
+    }
+}
+
+// === impl Leader ===
+
+impl Leader {
+    /// Waits until the command has exited, and reaps it. Cancel-safe.
+    async fn wait(&self) -> io::Result<ExitStatus> {
+        self.exit.wait().await
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        // Reaped, or given up on (a kill task cut short): either way no job waits for it now.
+        reaper::leader_done(self.pid);
     }
 }
 

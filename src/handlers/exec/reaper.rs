@@ -1,9 +1,9 @@
 //! The daemon-wide side of exec: the [`Reaper`] that owns the kill tasks of stopped jobs and the
 //! reaping of orphans, and the process-wide figures the engine exports.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
@@ -14,6 +14,8 @@ use super::Isolation;
 
 /// What shutdown waits for kill tasks beyond the longest `kill_grace`.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
+/// Least time between two scans for orphans (every command's exit sends SIGCHLD too).
+const ORPHAN_SCAN_PAUSE: Duration = Duration::from_millis(20);
 
 /// Finishes killing the process trees of jobs that went away; shared by every exec handler.
 ///
@@ -60,6 +62,20 @@ pub(super) static STARTED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0
 pub(super) static STALE_CGROUPS: AtomicU64 = AtomicU64::new(0);
 pub(super) static STALE_PROCESSES: AtomicU64 = AtomicU64::new(0);
 static ORPHANS_REAPED: AtomicU64 = AtomicU64::new(0);
+
+/// Commands batchd started and has not reaped: their exit status is their job's, never an
+/// orphan's to take.
+static LEADERS: LazyLock<Mutex<HashSet<i32>>> = LazyLock::new(Mutex::default);
+
+/// Notes that the command `pid` was started (and is waited for on its pidfd).
+pub(super) fn leader_started(pid: Pid) {
+    lock(&LEADERS).insert(pid.as_raw_nonzero().get());
+}
+
+/// Notes that the command `pid` was reaped (or will never be by its job).
+pub(super) fn leader_done(pid: Pid) {
+    lock(&LEADERS).remove(&pid.as_raw_nonzero().get());
+}
 
 /// Exec process trees that may still have processes, in the whole process.
 pub fn groups_alive() -> u64 {
@@ -155,14 +171,20 @@ impl Reaper {
     }
 
     /// Starts reaping orphans on the current runtime (once): the daemon is their subreaper.
+    ///
+    /// An orphan is re-parented to the subreaper's main thread, so the orphans are the children
+    /// listed in `/proc/self/task/<pid>/children`; commands are started from the runtime's worker
+    /// threads (and listed in [`LEADERS`] in any case), so their exit statuses stay with their jobs.
     pub(super) fn reap_orphans(&self) -> std::io::Result<()> {
+        let children = orphans_file();
+        std::fs::metadata(&children)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", children.display())))?;
         let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
         let task = tokio::spawn(async move {
-            loop {
-                reap_orphans_now();
-                if sigchld.recv().await.is_none() {
-                    return;
-                }
+            reap_orphans_now(&children);
+            while sigchld.recv().await.is_some() {
+                reap_orphans_now(&children);
+                tokio::time::sleep(ORPHAN_SCAN_PAUSE).await;
             }
         });
         // A second call keeps the first task; this one is aborted on drop.
@@ -171,14 +193,31 @@ impl Reaper {
     }
 }
 
-/// Reaps every exited child that sent SIGCHLD: orphans re-parented to the daemon. Commands that
-/// batchd started itself are clone children that send no signal; `waitid` without `__WALL` never
-/// sees them, so their exit status is left for their jobs.
-fn reap_orphans_now() {
-    while let Ok(Some(_)) =
-        rustix::process::waitid(WaitId::All, WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
+/// The list of the main thread's children, where orphans are re-parented.
+pub(super) fn orphans_file() -> std::path::PathBuf {
+    let main = rustix::process::getpid().as_raw_nonzero().get();
+    format!("/proc/self/task/{main}/children").into()
+}
+
+/// Reaps the exited orphans among the children listed in `children`.
+fn reap_orphans_now(children: &std::path::Path) {
+    let Ok(list) = std::fs::read_to_string(children) else {
+        return;
+    };
+    for pid in list
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
     {
-        ORPHANS_REAPED.fetch_add(1, Ordering::Relaxed);
+        if lock(&LEADERS).contains(&pid) {
+            continue;
+        }
+        let Some(pid) = Pid::from_raw(pid) else {
+            continue;
+        };
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
+        if let Ok(Some(_)) = rustix::process::waitid(WaitId::Pid(pid), options) {
+            ORPHANS_REAPED.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -7,9 +7,10 @@
 //!
 //! How: `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)`, as glibc's `posix_spawn` does. The child
 //! runs [`child_main`] on a stack of its own, *inside the parent's memory*, while the calling
-//! thread is suspended until the child has exec'd or exited. It sends no signal when it exits (a
-//! "clone child", waited for with `__WALL`): only orphans that batchd inherits as a subreaper send
-//! SIGCHLD, so reaping them can never take the exit status of a command's leader.
+//! thread is suspended until the child has exec'd or exited. The pidfd turns readable when the
+//! command exits: waiting needs no SIGCHLD handling, and `waitid(P_PIDFD)` reaps exactly this
+//! child. (A child cloned with no exit signal would not save the daemon SIGCHLD: once it has
+//! exec'd, the kernel sends SIGCHLD and treats it as an ordinary child anyway.)
 //!
 //! The child, in order: resets every signal handler to the default (it shares the parent's
 //! memory, so a handler must never run in it) and unblocks every signal; sets the parent-death
@@ -237,8 +238,7 @@ pub(super) fn reap_blocking(pid: Pid) {
     let _ = rustix::process::waitid(WaitId::Pid(pid), wait_options(false));
 }
 
-/// `WEXITED | __WALL` (clone children send no SIGCHLD, and only `__WALL` waits for them), and
-/// `WNOHANG` if `nohang`.
+/// `WEXITED | __WALL` (any kind of child), and `WNOHANG` if `nohang`.
 fn wait_options(nohang: bool) -> WaitIdOptions {
     let wall = WaitIdOptions::from_bits_retain(libc::__WALL as u32);
     let options = WaitIdOptions::EXITED | wall;
@@ -272,7 +272,7 @@ fn clone_vfork(args: &ChildArgs, stack_top: *mut c_void, pidfd: &mut c_int) -> c
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD;
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
     // SAFETY: `child_main` keeps the rules of this module's doc; `args` and everything it points
     // to stay alive and unchanged until clone returns, which CLONE_VFORK delays until the child
     // has exec'd or exited; `stack_top` is the 16-byte aligned top of a mapping that no other

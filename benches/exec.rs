@@ -568,7 +568,7 @@ fn batchctl_vs_xargs() {
         "the daemon should run jobs in cgroups here:\n{log}"
     );
     // Warm-up: page cache, the daemon's allocator, the first connection.
-    batchctl(&daemon.url, &cg_jobs, 200);
+    batchctl(&daemon.url, &cg_jobs, CTL_JOBS);
 
     let tools = ["xargs", "parallel", "batchd_cgroup", "batchd_process_group"];
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];

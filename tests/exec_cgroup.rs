@@ -270,6 +270,25 @@ async fn cancel_leaves_nothing_in_cgroup_mode() {
         setup.job_cgroups().is_empty()
     })
     .await;
+    // Two commands per mode started; the orphaned grandchildren (four) were reaped by batchd.
+    let metrics = metrics_of(&setup.daemon);
+    assert_eq!(
+        sample(&metrics, "batchd_exec_started_total", "mode=\"cgroup\""),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "batchd_exec_started_total",
+            "mode=\"process-group\""
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(&metrics, "batchd_exec_orphans_reaped_total", ""),
+        4.0
+    );
+    assert_eq!(sample(&metrics, "batchd_exec_groups_alive", ""), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,6 +387,23 @@ async fn after_kill_9_a_restarted_daemon_kills_what_the_old_one_left() {
     );
     assert!(log.contains("stale_processes_killed=2"), "{log}");
     assert!(job_cgroups(&setup.cgroup.dir).is_empty());
+    let metrics = metrics_of(&restarted);
+    assert_eq!(
+        sample(&metrics, "batchd_exec_stale_processes_killed_total", ""),
+        2.0
+    );
+    assert_eq!(
+        sample(&metrics, "batchd_exec_stale_cgroups_killed_total", ""),
+        2.0
+    );
+    assert_eq!(
+        sample(&metrics, "batchd_exec_isolation", "mode=\"cgroup\""),
+        1.0
+    );
+    assert_eq!(
+        sample(&metrics, "batchd_exec_isolation", "mode=\"process-group\""),
+        0.0
+    );
     // Process-group mode: nothing finds the old grandchildren; they still run.
     for pair in pairs.iter().filter(|p| !p.handler.cgroup) {
         assert!(
@@ -559,6 +595,33 @@ async fn the_fallback_without_a_writable_cgroup_is_a_process_group_and_cgroup_re
     let pair = wait_for_pair(handler, &mark).await;
     drop(call);
     check_after_stop(&[pair], daemon.pid(), true, "the client went away").await;
+}
+
+/// `GET /metrics` of a daemon, whose admin address is in its log.
+fn metrics_of(daemon: &Daemon) -> String {
+    let log = daemon.stderr();
+    let line = log.lines().find(|l| l.contains("admin listener")).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap();
+    let (code, body) = support::http_get(addr.parse().unwrap(), "/metrics");
+    assert_eq!(code, 200);
+    body
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
+    let key = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(&key))
+        .unwrap_or_else(|| panic!("no {key:?} in\n{metrics}"));
+    line[key.len()..].trim().parse().unwrap()
 }
 
 /// The gRPC URL from a daemon's "serving" log line.

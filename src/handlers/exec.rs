@@ -102,7 +102,16 @@ pub fn register(registry: &mut Registry, specs: &[ExecSpec]) -> Result<Reaper, S
         if registry.get(&spec.name).is_some() {
             return Err(spec.error("name", "is already the name of another handler"));
         }
-        let exec = Exec::new(spec, &reaper)?;
+        let exec = match Exec::new(spec, &reaper) {
+            Ok(exec) => exec,
+            Err(e) => {
+                // The daemon will not start: leave no empty instance directory behind.
+                if let Ok(cgroups) = cgroups() {
+                    cgroups.remove_instance_if_unused();
+                }
+                return Err(e);
+            }
+        };
         registry.register(spec.name.clone(), exec);
     }
     Ok(reaper)

@@ -2,10 +2,12 @@
 //!
 //! Where: batchd's own cgroup v2 (from `/proc/self/cgroup`, found on disk through
 //! `/proc/self/mountinfo`) is the *base*. At the first use the daemon makes its *instance*
-//! directory there, `batchd-<pid>-<start time>`, and each job gets `job-<n>` inside it. The name
-//! says whose it is: a restarted daemon finds the instance directories whose process is gone
-//! (same pid and start time, or none) and kills everything in them with one `cgroup.kill` (it
-//! reaches nested cgroups too), then removes them ([`Cgroups::kill_stale`]).
+//! directory there, `batchd-<pid>-<start time>-<pid namespace>`, and each job gets `job-<n>` inside
+//! it. The name says whose it is: a restarted daemon finds the instance directories of its pid
+//! namespace whose process is gone (no process with that pid and start time) and kills everything
+//! in them with one `cgroup.kill` (it reaches nested cgroups too), then removes them
+//! ([`Cgroups::kill_stale`]). An instance of another pid namespace is never touched: its pid means
+//! nothing here.
 //!
 //! A job's command enters its cgroup before it runs anything (the spawn writes `0` to the
 //! `cgroup.procs` of [`JobCgroup`]), so every process it starts is in it, however it detaches
@@ -93,7 +95,12 @@ impl Cgroups {
         let base = own_dir(&cgroup, &mountinfo)?;
         let start =
             start_time(rustix::process::getpid()).ok_or("cannot read this process's start time")?;
-        let name = format!("{INSTANCE_PREFIX}{}-{start}", std::process::id());
+        let name = Instance {
+            pid: std::process::id(),
+            start,
+            pid_ns: pid_namespace().ok_or("cannot read this process's pid namespace")?,
+        }
+        .to_string();
         let cgroups = Self {
             instance: base.join(name),
             base,
@@ -241,12 +248,13 @@ impl Cgroups {
             if dir == self.instance || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let Some((pid, start)) = entry.file_name().to_str().and_then(parse_instance) else {
+            let Some(owner) = entry.file_name().to_str().and_then(Instance::parse) else {
                 continue;
             };
-            if Pid::from_raw(pid).and_then(start_time) == Some(start) {
-                continue; // its daemon still runs
+            if pid_namespace() != Some(owner.pid_ns) || owner.runs() {
+                continue; // not ours to judge, or its daemon still runs
             }
+            let pid = owner.pid;
             stale.instances += 1;
             let (cgroups, processes) = count_processes(&dir);
             if processes > 0 {
@@ -497,10 +505,53 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `(pid, start time)` of an instance directory's name, `batchd-<pid>-<start>`.
-fn parse_instance(name: &str) -> Option<(i32, u64)> {
-    let (pid, start) = name.strip_prefix(INSTANCE_PREFIX)?.split_once('-')?;
-    Some((pid.parse().ok()?, start.parse().ok()?))
+/// Whose an instance directory is: `batchd-<pid>-<start time>-<pid namespace inode>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Instance {
+    pid: u32,
+    start: u64,
+    pid_ns: u64,
+}
+
+impl Instance {
+    fn parse(name: &str) -> Option<Self> {
+        let mut parts = name.strip_prefix(INSTANCE_PREFIX)?.split('-');
+        let instance = Self {
+            pid: parts.next()?.parse().ok()?,
+            start: parts.next()?.parse().ok()?,
+            pid_ns: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(instance)
+    }
+
+    /// Whether its process still runs (the same pid, started at the same time).
+    fn runs(&self) -> bool {
+        i32::try_from(self.pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .and_then(start_time)
+            == Some(self.start)
+    }
+}
+
+impl fmt::Display for Instance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{INSTANCE_PREFIX}{}-{}-{}",
+            self.pid, self.start, self.pid_ns
+        )
+    }
+}
+
+/// The inode of this process's pid namespace (`/proc/self/ns/pid` → `pid:[4026531836]`).
+fn pid_namespace() -> Option<u64> {
+    let link = fs::read_link("/proc/self/ns/pid").ok()?;
+    link.to_str()?
+        .strip_prefix("pid:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Start time of a process (clock ticks since boot, field 22 of `/proc/PID/stat`), if it exists.
@@ -549,9 +600,23 @@ mod tests {
 
     #[test]
     fn instance_names_and_event_files_parse() {
-        assert_eq!(parse_instance("batchd-123-4567"), Some((123, 4567)));
-        assert_eq!(parse_instance("batchd-x-1"), None);
-        assert_eq!(parse_instance("job-1"), None);
+        let me = Instance {
+            pid: 123,
+            start: 4567,
+            pid_ns: 4026531836,
+        };
+        assert_eq!(me.to_string(), "batchd-123-4567-4026531836");
+        assert_eq!(Instance::parse("batchd-123-4567-4026531836"), Some(me));
+        for other in [
+            "batchd-x-1-2",
+            "batchd-1-2",
+            "batchd-1-2-3-4",
+            "job-1",
+            "batchd-probe-1",
+        ] {
+            assert_eq!(Instance::parse(other), None, "{other}");
+        }
+        assert!(pid_namespace().is_some());
         let events = "low 0\nhigh 0\nmax 4\noom 2\noom_kill 1\noom_group_kill 1\n";
         assert_eq!(event_count(events, "oom_kill"), 1);
         assert_eq!(event_count(events, "max"), 4);

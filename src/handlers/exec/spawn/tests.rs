@@ -170,29 +170,29 @@ fn programs_are_searched_in_the_path_given() {
 
 #[test]
 fn a_bad_cwd_names_the_step_and_leaves_no_zombie() {
-    let err = start(
-        &["true"],
-        &[],
-        Some(&path()),
-        Some("/nonexistent-batchd-dir"),
-    )
-    .unwrap_err();
+    // On a thread of its own: the failed child was this thread's child, and other tests' children
+    // are their threads'.
+    let (err, children) = std::thread::spawn(|| {
+        let err = start(
+            &["true"],
+            &[],
+            Some(&path()),
+            Some("/nonexistent-batchd-dir"),
+        )
+        .unwrap_err();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let children = std::fs::read_to_string(format!("/proc/self/task/{tid}/children")).unwrap();
+        (err, children)
+    })
+    .join()
+    .unwrap();
     assert_eq!(err.step, Some(Step::Cwd));
     assert_eq!(
         err.to_string(),
         "changing to cwd: No such file or directory (os error 2)"
     );
-    // The failed child was reaped: this process has no zombie child.
-    let me = std::process::id().to_string();
-    let zombies: Vec<i32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid| {
-            stat_field(*pid, 4).as_deref() == Some(me.as_str())
-                && stat_field(*pid, 3).as_deref() == Some("Z")
-        })
-        .collect();
-    assert!(zombies.is_empty(), "zombie children: {zombies:?}");
+    assert_eq!(children.trim(), "", "the failed child was reaped");
 }
 
 #[test]

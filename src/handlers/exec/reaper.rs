@@ -15,7 +15,7 @@ use super::Isolation;
 /// What shutdown waits for kill tasks beyond the longest `kill_grace`.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
 /// Least time between two scans for orphans (every command's exit sends SIGCHLD too).
-const ORPHAN_SCAN_PAUSE: Duration = Duration::from_millis(20);
+const ORPHAN_SCAN_PAUSE: Duration = Duration::from_millis(5);
 
 /// Finishes killing the process trees of jobs that went away; shared by every exec handler.
 ///

@@ -120,18 +120,22 @@ pub fn unique_mark(name: &str) -> String {
     )
 }
 
-/// The cgroup v2 mount of this machine, if this process may make cgroups there.
+/// The cgroup v2 mount of this machine, if this process may make cgroups there (probed once).
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let point = mounts.lines().find_map(|l| {
-        let (mount, fs) = l.split_once(" - ")?;
-        (fs.split(' ').next() == Some("cgroup2")).then(|| mount.split(' ').nth(4))?
-    })?;
-    let probe = Path::new(point).join(format!("batchd-probe-{}", std::process::id()));
-    std::fs::create_dir(&probe).ok()?;
-    let kill = probe.join("cgroup.kill").exists();
-    std::fs::remove_dir(&probe).ok()?;
-    kill.then(|| PathBuf::from(point))
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let point = mounts.lines().find_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            (fs.split(' ').next() == Some("cgroup2")).then(|| mount.split(' ').nth(4))?
+        })?;
+        let probe = Path::new(point).join(format!("test-probe-{}", unique_mark("cgroup")));
+        std::fs::create_dir(&probe).ok()?;
+        let kill = probe.join("cgroup.kill").exists();
+        std::fs::remove_dir(&probe).ok()?;
+        kill.then(|| PathBuf::from(point))
+    })
+    .clone()
 }
 
 /// A cgroup v2 directory of a test's own, made under `root`; killed and removed when dropped.

@@ -457,6 +457,65 @@ async fn short_jobs_keep_their_exit_status_while_batchd_reaps_orphans() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reaches_the_escaped_grandchild_once_then_sigkill_after_kill_grace() {
+    // Programs often take a second SIGTERM as "stop at once": the group and the rest of the cgroup
+    // are each signalled, but no process twice. The shells count the SIGTERMs they trap. (Two
+    // SIGTERMs sent a microsecond apart may merge into one pending signal, so this can miss a
+    // double send; cgroup.rs's unit test checks who is signalled with SIGSTOP.)
+    let root = require_cgroups();
+    let cgroup = TestCgroup::new(&root, "term-once");
+    let dir = tempfile::tempdir().unwrap();
+    // Each shell's stderr goes to /dev/null: once the job is cancelled its pipes are closed, and a
+    // shell reporting its killed `sleep` ("Terminated") would die of SIGPIPE before its trap ran.
+    let loop_ = "exec 2>/dev/null; while :; do sleep 0.1; done";
+    let escaped =
+        format!("trap 'echo escaped TERM >> log' TERM; echo escaped ready >> log; {loop_}");
+    let script = format!(
+        "trap 'echo leader TERM >> log' TERM; setsid sh -c \\\"{escaped}\\\" & \
+         echo leader ready >> log; {loop_}"
+    );
+    let mark = unique_mark("term-once");
+    let config = format!(
+        "[[exec]]\nname = \"patient\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\n\
+         kill_grace = \"1s\"\ncwd = \"{}\"\nenv = {{ {} = \"{mark}\" }}\n",
+        dir.path().display(),
+        procs::MARK
+    );
+    let path = write_config(&dir, &config);
+    let daemon = start_daemon(&cgroup.dir, &path).await;
+    let mut call = OpenCall::open_at(daemon.url.clone()).await;
+    call.send(batch("b", vec![job("p", "patient", b"", &[])]))
+        .await;
+    let log = dir.path().join("log");
+    let lines = |want: &str| -> usize {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().filter(|l| *l == want).count()
+    };
+    wait_until("both shells are ready", LIVENESS, || {
+        lines("leader ready") == 1 && lines("escaped ready") == 1
+    })
+    .await;
+    call.send(cancel("b", &["p"])).await;
+    let r = call.results(1, LIVENESS).await;
+    assert_eq!(outcome(&r[0]), Outcome::Cancelled, "{r:?}");
+    wait_until("both shells trapped SIGTERM", LIVENESS, || {
+        lines("leader TERM") >= 1 && lines("escaped TERM") >= 1
+    })
+    .await;
+    // SIGKILL after kill_grace takes them (they ignore SIGTERM): then count.
+    wait_until("nothing of the job runs", LIVENESS, || {
+        procs::marked(&mark).is_empty()
+    })
+    .await;
+    assert_eq!(
+        (lines("leader TERM"), lines("escaped TERM")),
+        (1, 1),
+        "one SIGTERM each:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 // === limits ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

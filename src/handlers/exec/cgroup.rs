@@ -73,13 +73,13 @@ pub(super) struct JobCgroup {
 
 /// What start-up found of crashed instances and killed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stale {
+pub(super) struct Stale {
     /// Instance directories of processes that are gone.
-    pub instances: u64,
+    pub(super) instances: u64,
     /// Job cgroups in them that still had processes.
-    pub cgroups: u64,
+    pub(super) cgroups: u64,
     /// Processes killed in them.
-    pub processes: u64,
+    pub(super) processes: u64,
 }
 
 // === impl Cgroups ===
@@ -292,11 +292,14 @@ impl JobCgroup {
         populated(&self.dir).unwrap_or(false)
     }
 
-    /// Sends `signal` to every process in the cgroup now (one that forks meanwhile may miss it:
-    /// `kill` is what leaves nothing behind).
-    pub(super) fn signal(&self, signal: rustix::process::Signal) {
+    /// Sends `signal` to every process in the cgroup that is not in the process group `group`
+    /// (which the caller signals as a whole): each process gets it once, as from one `kill`. (One
+    /// that forks meanwhile may miss it: `kill` is what leaves nothing behind.)
+    pub(super) fn signal_outside(&self, signal: rustix::process::Signal, group: Pid) {
         for pid in procs(&self.dir) {
-            let _ = rustix::process::kill_process(pid, signal);
+            if rustix::process::getpgid(Some(pid)).is_ok_and(|g| g != group) {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
         }
     }
 
@@ -624,6 +627,58 @@ mod tests {
         assert_eq!(event_count("populated 1\nfrozen 0\n", "populated"), 1);
         assert_eq!(unescape("a\\040b\\134c"), "a b\\c");
         assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn signals_outside_the_group_reach_each_other_process_of_the_cgroup_once() {
+        use std::os::unix::process::CommandExt;
+        let cgroups = Cgroups::detect().unwrap_or_else(|why| {
+            panic!("this test needs a writable cgroup v2 (root; CI has it): {why}")
+        });
+        let job = cgroups.create_job(&Limits::default()).unwrap();
+        let procs = job.dir.join("cgroup.procs");
+        // Two processes in the job's cgroup, each leading a process group of its own.
+        let start = || {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(r#"echo $$ > "$0" && exec sleep 60"#)
+                .arg(&procs)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let (mut a, mut b) = (start(), start());
+        let pid = |c: &std::process::Child| Pid::from_raw(c.id() as i32).unwrap();
+        let state = |c: &std::process::Child| {
+            let stat = fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap();
+            stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while procs_in(&job).len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the two processes joined the cgroup"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SIGSTOP shows who got the signal: the process outside group `a` only.
+        job.signal_outside(rustix::process::Signal::STOP, pid(&a));
+        while state(&b) != 'T' {
+            assert!(Instant::now() < deadline, "b is stopped");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_ne!(state(&a), 'T', "a's group was skipped");
+        job.kill();
+        assert!(!a.wait().unwrap().success() && !b.wait().unwrap().success());
+        while job.populated() {
+            assert!(Instant::now() < deadline, "the cgroup empties");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        job.remove().unwrap();
+    }
+
+    fn procs_in(job: &JobCgroup) -> Vec<Pid> {
+        procs(&job.dir)
     }
 
     #[test]

@@ -155,11 +155,12 @@ impl Tree {
         Ok(status)
     }
 
-    /// Sends `signal` to every process of the tree: the group, and the cgroup if it has one.
+    /// Sends `signal` once to every process of the tree: the group, and in cgroup mode the rest of
+    /// the cgroup. (Twice would be wrong: many programs take a second SIGTERM as "stop at once".)
     pub(super) fn signal(&self, signal: Signal) {
         let _ = rustix::process::kill_process_group(self.pgid, signal);
         if let Some(cgroup) = &self.cgroup {
-            cgroup.signal(signal);
+            cgroup.signal_outside(signal, self.pgid);
         }
     }
 

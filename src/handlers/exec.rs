@@ -82,6 +82,11 @@ fn cgroups() -> Result<&'static Cgroups, &'static str> {
         .map_err(String::as_str)
 }
 
+/// This process's cgroups, if they were looked for and found (looks for nothing itself).
+fn cgroups_found() -> Option<&'static Cgroups> {
+    CGROUPS.get().and_then(|c| c.as_ref().ok())
+}
+
 /// The isolation that handlers with `isolation = "auto"` get in this process; `None` until exec
 /// handlers or [`start_up`] first looked for a cgroup v2 subtree.
 pub fn isolation() -> Option<Isolation> {
@@ -106,7 +111,7 @@ pub fn register(registry: &mut Registry, specs: &[ExecSpec]) -> Result<Reaper, S
             Ok(exec) => exec,
             Err(e) => {
                 // The daemon will not start: leave no empty instance directory behind.
-                if let Ok(cgroups) = cgroups() {
+                if let Some(cgroups) = cgroups_found() {
                     cgroups.remove_instance_if_unused();
                 }
                 return Err(e);

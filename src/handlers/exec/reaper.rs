@@ -164,7 +164,7 @@ impl Reaper {
             Ok(()) => 0,
             Err(_) => self.kill_all(),
         };
-        if let Ok(cgroups) = super::cgroups() {
+        if let Some(cgroups) = super::cgroups_found() {
             cgroups.remove_instance_if_unused();
         }
         killed

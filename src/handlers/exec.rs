@@ -481,15 +481,21 @@ async fn exchange(
     }
     match (output, status) {
         (Some((out, _)), Some(status)) if status.success() => Ok(out),
-        (Some((_, tail)), Some(status)) => Err(HandlerError(failure(&tree, status, &tail, limits))),
+        (Some((_, tail)), Some(status)) => {
+            Err(HandlerError(failure(tree.cgroup(), status, &tail, limits)))
+        }
         _ => Err(HandlerError("the command's end was not seen".into())),
     }
 }
 
 /// Why a command failed: out of memory (its cgroup's OOM killer acted), or its exit status, with
 /// the end of stderr.
-fn failure(tree: &Tree, status: ExitStatus, tail: &pipes::Tail, limits: Limits) -> String {
-    let cgroup = tree.cgroup();
+fn failure(
+    cgroup: Option<&cgroup::JobCgroup>,
+    status: ExitStatus,
+    tail: &pipes::Tail,
+    limits: Limits,
+) -> String {
     if let (Some(max), Some(cgroup)) = (limits.memory_max, cgroup) {
         if cgroup.oom_kills() > 0 {
             return format!(

@@ -328,6 +328,22 @@ impl JobCgroup {
     }
 }
 
+#[cfg(test)]
+impl JobCgroup {
+    /// A job cgroup over an ordinary directory, for tests of what is read from its files.
+    pub(super) fn fake(dir: &Path) -> Self {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        Self {
+            dir: dir.to_owned(),
+            procs: procs.into(),
+            removed: AtomicBool::new(true),
+        }
+    }
+}
+
 impl Drop for JobCgroup {
     fn drop(&mut self) {
         if !self.removed.load(Ordering::Relaxed) && fs::remove_dir(&self.dir).is_err() {

@@ -248,3 +248,46 @@ async fn output_is_capped() {
     let tail = read_tail(&data[..]).await.unwrap();
     assert_eq!(tail.describe().len(), "stderr: ".len() + 1000);
 }
+
+#[test]
+fn out_of_memory_and_pids_max_are_named_in_the_failure() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cgroup = cgroup::JobCgroup::fake(dir.path());
+    let killed = ExitStatus::from_raw(9);
+    let mut tail = Tail::default();
+    tail.push(b"partial\n");
+    let limits = Limits {
+        memory_max: Some(32 * 1024 * 1024),
+        pids_max: Some(16),
+    };
+    std::fs::write(
+        dir.path().join("memory.events"),
+        "low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("pids.events"), "max 2\n").unwrap();
+    assert_eq!(
+        failure(Some(&cgroup), killed, &tail, limits),
+        "the command failed (signal: 9 (SIGKILL)); pids_max (16) stopped 2 fork(s); stderr: partial"
+    );
+    std::fs::write(
+        dir.path().join("memory.events"),
+        "oom 1\noom_kill 1\noom_group_kill 1\n",
+    )
+    .unwrap();
+    assert_eq!(
+        failure(Some(&cgroup), killed, &tail, limits),
+        "out of memory: the job reached memory_max (32MiB) and the kernel killed it \
+         (signal: 9 (SIGKILL)); stderr: partial"
+    );
+    // Without limits nothing is read; in process-group mode there is no cgroup.
+    assert_eq!(
+        failure(Some(&cgroup), killed, &tail, Limits::default()),
+        "the command failed (signal: 9 (SIGKILL)); stderr: partial"
+    );
+    assert_eq!(
+        failure(None, ExitStatus::from_raw(3 << 8), &tail, limits),
+        "the command failed (exit status: 3); stderr: partial"
+    );
+}

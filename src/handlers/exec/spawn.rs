@@ -3,7 +3,7 @@
 //!
 //! Why not `std::process::Command`: a `pre_exec` hook (needed for the parent-death signal and to
 //! enter a cgroup) makes std `fork`, which copies the daemon's page tables (about 4× the parent's
-//! CPU per spawn); and std can neither hand back a pidfd nor start a child that sends no SIGCHLD.
+//! CPU per spawn), and std hands back no pidfd.
 //!
 //! How: `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)`, as glibc's `posix_spawn` does. The child
 //! runs [`child_main`] on a stack of its own, *inside the parent's memory*, while the calling
@@ -22,8 +22,13 @@
 //!
 //! Rules for the child (what makes this sound): it reads only [`ChildArgs`] and what it points to,
 //! owned by the suspended caller's frame and unchanged until `clone` returns; it writes only its
-//! own stack and the two atomics of `ChildArgs`; it makes plain system calls through libc and
-//! never allocates, locks or unwinds (an unexpected panic aborts the child: `extern "C"`).
+//! own stack, the two atomics of `ChildArgs`, and (through libc's wrappers) the calling thread's
+//! `errno`, which the caller does not read after a successful `clone`; it makes plain system calls
+//! through libc and never allocates, locks or unwinds (an unexpected panic aborts the child:
+//! `extern "C"`).
+//!
+//! The module also registers the pidfd with tokio ([`Exit`]): since tokio 1.54 that registration
+//! is `unsafe` too (the fd must stay open and the same while registered).
 
 #![allow(unsafe_code)]
 
@@ -56,7 +61,8 @@ pub(super) struct Request<'a> {
     pub(super) argv: &'a [CString],
     /// The whole environment, as `KEY=value` strings.
     pub(super) env: &'a [CString],
-    /// `PATH` of the command's environment (searched when `program` has no `/`).
+    /// `PATH` of the command's environment, searched when `program` has no `/` (without one, or
+    /// when it is empty: `/bin:/usr/bin`, as `execvp`).
     pub(super) search_path: Option<&'a [u8]>,
     /// Working directory, if not the daemon's.
     pub(super) cwd: Option<&'a CStr>,
@@ -141,10 +147,9 @@ pub(super) fn spawn(req: &Request<'_>) -> Result<Spawned, SpawnError> {
     let argv = null_terminated(req.argv);
     let envp = null_terminated(req.env);
     let search = match req.search_path {
-        Some(path) if !req.program.to_bytes().contains(&b'/') => {
-            Some(if path.is_empty() { DEFAULT_PATH } else { path })
-        }
-        _ => None,
+        _ if req.program.to_bytes().contains(&b'/') => None,
+        Some(path) if !path.is_empty() => Some(path),
+        _ => Some(DEFAULT_PATH),
     };
     let args = ChildArgs {
         program: req.program.as_ptr(),

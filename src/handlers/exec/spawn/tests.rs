@@ -159,6 +159,9 @@ fn programs_are_searched_in_the_path_given() {
     // A path is not searched.
     let err = start(&["./hello-batchd"], &[], Some(search.as_bytes()), None).unwrap_err();
     assert_eq!(err.error.raw_os_error(), Some(libc::ENOENT));
+    // Without a PATH, execvp's default.
+    let run = start(&["true"], &[], None, None).unwrap();
+    assert!(run.finish().0.success());
     let run = start(
         &["./hello-batchd"],
         &[],

@@ -63,6 +63,8 @@ async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Resu
     let mut signals = Signals::install()?;
     // On the runtime: the OTLP exporter's channel lives there.
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
+    // Subreaper, clean-up after a crashed instance, isolation logged: before serving.
+    exec::start_up(&reaper);
     let res = serve(config, registry, &reaper, &telemetry, &mut signals).await;
     let finish = async {
         // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it

@@ -5,11 +5,12 @@ mod lines;
 mod progress;
 mod record;
 mod run;
+mod tls;
 mod traceparent;
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 pub use jobline::{parse as parse_line, LineDefaults, LineError, LineJob};
@@ -17,6 +18,7 @@ pub use lines::{Line, LineDecoder};
 pub use progress::Progress;
 pub use record::{ok_ids, outcome_name, LogRecord, ResultRecord};
 pub use run::{run, RunOptions, DEFAULT_MAX_MESSAGE, MAX_LINE};
+pub use tls::{ClientTls, Target};
 pub use traceparent::{outgoing_traceparent, TraceHeaders};
 
 use crate::outcome::Outcome;
@@ -29,16 +31,27 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The daemon cannot be reached.
-    #[error("cannot reach the daemon at {endpoint}: {reason}")]
+    #[error("cannot reach the daemon{}: {reason}", at(.endpoint))]
     Unreachable {
         /// The endpoint tried.
         endpoint: String,
         /// Why.
         reason: String,
     },
-    /// The endpoint is not a valid URL.
+    /// The endpoint is not a valid URL, or its TLS flags do not fit it.
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
+    /// A TLS file (`--tls-ca`, `--tls-cert`, `--tls-key`) cannot be read or used.
+    #[error("{0}")]
+    Tls(String),
+    /// The TLS handshake failed over a certificate: the daemon's, or the one it asked for.
+    #[error("{reason}{}", at_daemon(.endpoint))]
+    Certificate {
+        /// The endpoint tried (empty when a call failed later).
+        endpoint: String,
+        /// What is wrong, starting with "certificate: ".
+        reason: String,
+    },
     /// The call ended with an error status.
     #[error("the call failed: {}: {}", .0.code(), .0.message())]
     Call(tonic::Status),
@@ -82,6 +95,14 @@ pub struct Summary {
 impl ClientError {
     /// Classifies a failed call: transport failures mean the daemon cannot be reached.
     pub fn from_status(status: tonic::Status) -> Self {
+        // A daemon that refuses a client certificate says so after the TLS 1.3 handshake is done
+        // on the client's side: the first call fails, not the connection.
+        if let Some(reason) = tls::certificate_problem(&source_chain(&status)) {
+            return Self::Certificate {
+                endpoint: String::new(),
+                reason,
+            };
+        }
         if status.code() == Code::Unavailable && status.message().contains("connect") {
             Self::Unreachable {
                 endpoint: String::new(),
@@ -162,7 +183,12 @@ impl Summary {
 
 /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`), failing fast when nobody listens.
 pub async fn connect(endpoint: &str) -> Result<BatchServiceClient<Channel>, ClientError> {
-    let channel = channel(endpoint).await?;
+    connect_to(&Target::new(endpoint)).await
+}
+
+/// Connects to `target` (plaintext or TLS), failing fast when nobody listens.
+pub async fn connect_to(target: &Target) -> Result<BatchServiceClient<Channel>, ClientError> {
+    let channel = channel_to(target).await?;
     Ok(BatchServiceClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
@@ -170,14 +196,59 @@ pub async fn connect(endpoint: &str) -> Result<BatchServiceClient<Channel>, Clie
 
 /// A connected channel to `endpoint`, for the service, health and reflection clients.
 pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
-    let ep = Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| ClientError::BadEndpoint(endpoint.to_owned(), e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    ep.connect().await.map_err(|e| ClientError::Unreachable {
-        endpoint: endpoint.to_owned(),
-        reason: source_chain(&e),
+    channel_to(&Target::new(endpoint)).await
+}
+
+/// A connected channel to `target` (plaintext or TLS).
+pub async fn channel_to(target: &Target) -> Result<Channel, ClientError> {
+    let endpoint = &target.endpoint;
+    let connected = target
+        .prepare()?
+        .connect(|ep| ep.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+        .await;
+    connected.map_err(|e| {
+        let reason = source_chain(&e);
+        match tls::certificate_problem(&reason) {
+            Some(reason) => ClientError::Certificate {
+                endpoint: endpoint.clone(),
+                reason,
+            },
+            None => ClientError::Unreachable {
+                endpoint: endpoint.clone(),
+                reason: match target.is_tls() && reset_or_eof(&reason) {
+                    true => format!("{reason} (is TLS on at the daemon? if not, use http://)"),
+                    false => reason,
+                },
+            },
+        }
     })
+}
+
+/// Whether a TLS connection attempt ended with the peer closing or resetting it, or answering
+/// with something other than TLS.
+fn reset_or_eof(reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
+    ["connection reset", "eof", "corrupt message"]
+        .iter()
+        .any(|s| reason.contains(s))
+}
+
+/// ` at ENDPOINT`, or nothing when the endpoint is not known.
+fn at(endpoint: &str) -> String {
+    if endpoint.is_empty() {
+        String::new()
+    } else {
+        format!(" at {endpoint}")
+    }
+}
+
+/// ` (daemon at ENDPOINT)`, or nothing when the endpoint is not known.
+fn at_daemon(endpoint: &str) -> String {
+    if endpoint.is_empty() {
+        String::new()
+    } else {
+        format!(" (daemon at {endpoint})")
+    }
 }
 
 /// `1 job`, `2 jobs`, `3 retries`.

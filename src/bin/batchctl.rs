@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use batchd::client::{self, ClientError, LineDefaults, Progress, RunOptions, Summary};
+use batchd::client::{
+    self, ClientError, ClientTls, LineDefaults, Progress, RunOptions, Summary, Target,
+};
 use batchd::telemetry::{ClientTelemetry, RunEnd, RunTrace};
 use batchd::units::ByteSize;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -27,11 +29,46 @@ const EXIT_INTERRUPTED: u8 = 130;
 #[derive(Debug, Parser)]
 #[command(name = "batchctl", version, max_term_width = 100)]
 struct Cli {
-    /// The daemon's address
+    /// The daemon's address: http://HOST:PORT, or https://HOST:PORT for TLS
     #[arg(long, global = true, env = "BATCHD_ENDPOINT", default_value = client::DEFAULT_ENDPOINT)]
     endpoint: String,
+    #[command(flatten)]
+    tls: TlsFlags,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS of an https:// endpoint. The variables are not BATCHD_TLS_CERT/KEY: those set the daemon's own.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "TLS (https:// endpoints)")]
+struct TlsFlags {
+    /// CA certificates (PEM) that sign the daemon's certificate [default: the system's]
+    #[arg(long, global = true, env = "BATCHD_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a daemon that requires one (mTLS); with --tls-key
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_CLIENT_CERT",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_CLIENT_KEY",
+        value_name = "FILE"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Name the daemon's certificate must hold [default: the endpoint's host]
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,11 +152,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_NOT_OK);
         }
     };
+    let endpoint = Target::with_tls(
+        cli.endpoint,
+        ClientTls {
+            ca: cli.tls.tls_ca,
+            cert: cli.tls.tls_cert,
+            key: cli.tls.tls_key,
+            server_name: cli.tls.tls_server_name,
+        },
+    );
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => traced_run(&cli.endpoint, args).await,
-            Command::Handlers => handlers(&cli.endpoint).await,
-            Command::Health => health(&cli.endpoint).await,
+            Command::Run(args) => traced_run(&endpoint, args).await,
+            Command::Handlers => handlers(&endpoint).await,
+            Command::Health => health(&endpoint).await,
             Command::Completions { shell } => {
                 let mut script = Vec::new();
                 clap_complete::generate(shell, &mut Cli::command(), "batchctl", &mut script);
@@ -148,10 +194,11 @@ struct Fail {
 impl From<ClientError> for Fail {
     fn from(e: ClientError) -> Self {
         let code = match &e {
-            ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
-            ClientError::BadEndpoint(..) | ClientError::BadLine(_) | ClientError::Input(_) => {
-                EXIT_INPUT
-            }
+            ClientError::Unreachable { .. } | ClientError::Certificate { .. } => EXIT_UNREACHABLE,
+            ClientError::BadEndpoint(..)
+            | ClientError::Tls(_)
+            | ClientError::BadLine(_)
+            | ClientError::Input(_) => EXIT_INPUT,
             ClientError::JobLog(_) | ClientError::Output(_) | ClientError::Call(_) => EXIT_NOT_OK,
         };
         Self {
@@ -188,12 +235,12 @@ fn name(path: Option<&Path>, default: &str) -> String {
 
 /// `run` inside a `batchctl.run` span when an OTLP endpoint is configured (`OTEL_*` variables);
 /// the span is exported before batchctl exits, within a bounded time.
-async fn traced_run(endpoint: &str, args: RunArgs) -> Result<u8, Fail> {
+async fn traced_run(endpoint: &Target, args: RunArgs) -> Result<u8, Fail> {
     let telemetry = ClientTelemetry::from_env().unwrap_or_else(|e| {
         eprintln!("batchctl: tracing off: {e}");
         ClientTelemetry::disabled()
     });
-    let mut trace = telemetry.start_run("Process", endpoint);
+    let mut trace = telemetry.start_run("Process", &endpoint.endpoint);
     let res = run(endpoint, args, &mut trace).await;
     let (end, code) = match &res {
         Ok(code) if *code == EXIT_INTERRUPTED => (RunEnd::Cancelled, *code),
@@ -207,7 +254,7 @@ async fn traced_run(endpoint: &str, args: RunArgs) -> Result<u8, Fail> {
     res
 }
 
-async fn run(endpoint: &str, args: RunArgs, trace: &mut RunTrace) -> Result<u8, Fail> {
+async fn run(endpoint: &Target, args: RunArgs, trace: &mut RunTrace) -> Result<u8, Fail> {
     let file = args.file.clone().filter(|p| p.as_os_str() != "-");
     let input_name = name(file.as_deref(), "stdin");
     let output_name = name(args.output.as_deref(), "stdout");
@@ -246,7 +293,7 @@ async fn run(endpoint: &str, args: RunArgs, trace: &mut RunTrace) -> Result<u8, 
         RunFail::Client(ClientError::JobLog(e)) => {
             Fail::io(EXIT_NOT_OK, format!("job log {joblog_name}"), &e)
         }
-        RunFail::Client(e) => Fail::from(e),
+        RunFail::Client(e) => Fail::from(endpoint.explain(e)),
     })
 }
 
@@ -263,7 +310,7 @@ impl From<ClientError> for RunFail {
 }
 
 async fn run_jobs(
-    endpoint: &str,
+    endpoint: &Target,
     args: RunArgs,
     file: Option<PathBuf>,
     interrupted: tokio::sync::oneshot::Receiver<()>,
@@ -345,7 +392,7 @@ async fn run_jobs(
     tokio::pin!(interrupt);
 
     let mut client = tokio::select! {
-        c = client::connect(endpoint) => c?,
+        c = client::connect_to(endpoint) => c?,
         () = &mut interrupt => {
             eprintln!("batchctl: interrupted before any job was sent");
             return Ok(EXIT_INTERRUPTED);
@@ -408,12 +455,12 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     Ok(n + u64::from(last != b'\n'))
 }
 
-async fn handlers(endpoint: &str) -> Result<u8, Fail> {
-    let mut client = client::connect(endpoint).await?;
+async fn handlers(endpoint: &Target) -> Result<u8, Fail> {
+    let mut client = client::connect_to(endpoint).await?;
     let list = client
         .list_handlers(batchd::proto::ListHandlersRequest {})
         .await
-        .map_err(ClientError::from_status)?
+        .map_err(|status| endpoint.explain(ClientError::from_status(status)))?
         .into_inner();
     let width = list
         .handlers
@@ -428,17 +475,17 @@ async fn handlers(endpoint: &str) -> Result<u8, Fail> {
     print(text.as_bytes())
 }
 
-async fn health(endpoint: &str) -> Result<u8, Fail> {
+async fn health(endpoint: &Target) -> Result<u8, Fail> {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let channel = client::channel(endpoint).await?;
+    let channel = client::channel_to(endpoint).await?;
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
-        .map_err(ClientError::from_status)?
+        .map_err(|status| endpoint.explain(ClientError::from_status(status)))?
         .into_inner()
         .status();
     print(format!("{}\n", status.as_str_name()).as_bytes())?;

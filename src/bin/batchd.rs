@@ -7,6 +7,7 @@ use anyhow::Context;
 use batchd::config::{Config, ConfigError, Flags};
 use batchd::handlers::exec::{self, Reaper};
 use batchd::server::systemd::{self, Systemd};
+use batchd::server::tls::Tls;
 use batchd::{Registry, Server};
 use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -41,7 +42,12 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return config_error(&ConfigError::from(e)),
     };
-    match run(config, registry, reaper) {
+    // The TLS files are read before anything binds: a bad one is a config error (exit 64).
+    let tls = match Tls::from_config(&config) {
+        Ok(tls) => tls,
+        Err(e) => return config_error(&e),
+    };
+    match run(config, registry, reaper, tls) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -57,7 +63,12 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 #[tokio::main]
-async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    registry: Registry,
+    reaper: Reaper,
+    tls: Option<Tls>,
+) -> anyhow::Result<()> {
     // Installed first and kept to the end: tokio's handler stays installed once a signal is
     // listened for, so a signal nobody listens for would be swallowed.
     let mut signals = Signals::install()?;
@@ -65,7 +76,7 @@ async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Resu
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
     // Subreaper, clean-up after a crashed instance, isolation logged: before serving.
     exec::start_up(&reaper);
-    let res = serve(config, registry, &reaper, &telemetry, &mut signals).await;
+    let res = serve(config, registry, &reaper, &telemetry, &mut signals, tls).await;
     let finish = async {
         // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
         // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
@@ -97,6 +108,7 @@ async fn serve(
     reaper: &Reaper,
     telemetry: &batchd::telemetry::Telemetry,
     signals: &mut Signals,
+    tls: Option<Tls>,
 ) -> anyhow::Result<()> {
     // Socket activation: systemd's sockets, bound before the daemon starts, replace `listen` and
     // `admin_listen`; whatever it did not pass is bound here.
@@ -119,6 +131,9 @@ async fn serve(
             .with_context(|| format!("binding the admin listener {}", config.admin_listen))?,
     };
     let mut server = Server::new(config, registry).with_admin(admin);
+    if let Some(tls) = &tls {
+        server = server.with_tls(tls.clone());
+    }
     if let Some(systemd) = Systemd::from_env() {
         tracing::info!(
             watchdog = ?systemd.watchdog(),
@@ -130,9 +145,17 @@ async fn serve(
     let stop = tokio_util::sync::CancellationToken::new();
     let serve = server.serve(listener, stop.clone().cancelled_owned());
     tokio::pin!(serve);
-    tokio::select! {
-        res = &mut serve => return res.context("serving"),
-        name = signals.next() => tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)"),
+    loop {
+        tokio::select! {
+            res = &mut serve => return res.context("serving"),
+            signal = signals.next_or_hangup() => match signal {
+                Some(name) => {
+                    tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)");
+                    break;
+                }
+                None => reload(tls.as_ref()),
+            },
+        }
     }
     stop.cancel();
     tokio::select! {
@@ -141,10 +164,24 @@ async fn serve(
     }
 }
 
-/// SIGTERM and SIGINT, listened for from start-up to exit.
+/// SIGHUP: reads again what changes without a restart: the TLS certificate, key and client CAs
+/// (their files also reload by themselves when they change). A file that does not load leaves the
+/// one in force; `Tls::reload` logs either outcome.
+fn reload(tls: Option<&Tls>) {
+    match tls {
+        Some(tls) => {
+            tracing::info!("SIGHUP: reloading the TLS files");
+            let _ = tls.reload();
+        }
+        None => tracing::info!("SIGHUP: TLS is off; nothing to reload"),
+    }
+}
+
+/// SIGTERM and SIGINT, listened for from start-up to exit, and SIGHUP (reload).
 struct Signals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl Signals {
@@ -152,7 +189,17 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT (its name) or SIGHUP (`None`).
+    async fn next_or_hangup(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            _ = self.term.recv() => Some("SIGTERM"),
+            _ = self.int.recv() => Some("SIGINT"),
+            _ = self.hup.recv() => None,
+        }
     }
 
     /// Waits for the next SIGTERM or SIGINT; returns its name.

@@ -9,6 +9,7 @@ pub mod procs;
 pub mod proxy;
 pub mod recovery;
 pub mod scrape;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -171,6 +171,15 @@ impl From<&Config> for Limits {
 impl Engine {
     /// An engine with these limits and handlers, where every call is anonymous (no principal).
     pub fn new(limits: Limits, registry: Registry) -> Self {
+        let engine = Self::refusing(limits, registry);
+        // No spec cannot fail: the anonymous table.
+        let _ = engine.set_principals(&[], false);
+        engine
+    }
+
+    /// An engine with these limits and handlers that refuses every call (UNAUTHENTICATED) until
+    /// [`Engine::set_principals`] puts principals in force.
+    pub fn refusing(limits: Limits, registry: Registry) -> Self {
         let names: Vec<String> = registry.iter().map(|(n, _)| n.to_owned()).collect();
         let handlers = HandlerRows(
             names
@@ -179,7 +188,7 @@ impl Engine {
                 .filter_map(|(i, n)| Some((n.clone(), (i, Arc::clone(registry.get(n)?)))))
                 .collect(),
         );
-        let engine = Self {
+        Self {
             inner: Arc::new(Inner {
                 scheduler: Scheduler::new(limits.workers),
                 cpu: CpuPool::new(limits.cpu_workers),
@@ -195,10 +204,7 @@ impl Engine {
                 metrics: Metrics::new(names),
                 principals: Principals::default(),
             }),
-        };
-        // No spec cannot fail: the anonymous table.
-        let _ = engine.set_principals(&[], false);
-        engine
+        }
     }
 
     /// Puts the principals of `specs` in force (none: every call is anonymous), for calls opened
@@ -216,12 +222,6 @@ impl Engine {
         inner
             .principals
             .install(specs, reflection_open, &inner.scheduler)
-    }
-
-    /// Refuses every call from now on (UNAUTHENTICATED): for a daemon whose principals could not be
-    /// put in force, which must not serve without them.
-    pub fn refuse_all_calls(&self) {
-        self.inner.principals.refuse_all();
     }
 
     /// The principal `creds` prove the call is (the anonymous one when none is configured), or

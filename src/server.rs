@@ -40,10 +40,9 @@ impl Server {
     /// Its principals are `config`'s (validated by [`Config::validate`]); if they do not validate,
     /// every call is refused (UNAUTHENTICATED) rather than served without them.
     pub fn new(config: Config, registry: Registry) -> Self {
-        let engine = Engine::new(Limits::from(&config), registry);
+        let engine = Engine::refusing(Limits::from(&config), registry);
         if let Err(e) = engine.set_principals(&config.principal, config.reflection_open) {
             tracing::error!(error = %e, "invalid principals: refusing every call");
-            engine.refuse_all_calls();
         }
         Self {
             config,

@@ -1,12 +1,13 @@
 //! The bearer token a client sends when the daemon has principals: `authorization: Bearer <token>`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
-/// A call's credentials: the `authorization` metadata value.
+/// A call's credentials: the `authorization` metadata value (shared: one pointer to pass around).
 #[derive(Clone)]
-pub struct Token(AsciiMetadataValue);
+pub struct Token(Arc<AsciiMetadataValue>);
 
 /// Why a token cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +35,7 @@ impl Token {
         match value.parse::<AsciiMetadataValue>() {
             Ok(mut v) if valid => {
                 v.set_sensitive(true);
-                Ok(Self(v))
+                Ok(Self(Arc::new(v)))
             }
             _ => Err(TokenError::Invalid(from.to_owned())),
         }
@@ -57,7 +58,7 @@ impl Token {
 
     /// Adds the token to a request's metadata.
     pub fn insert_into(&self, metadata: &mut MetadataMap) {
-        metadata.insert("authorization", self.0.clone());
+        metadata.insert("authorization", (*self.0).clone());
     }
 }
 

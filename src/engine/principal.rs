@@ -53,7 +53,8 @@ struct Table {
     reflection_open: bool,
 }
 
-/// The principal table in force and the rows of every name ever installed.
+/// The principal table in force and the rows of every name ever installed. The default table
+/// identifies nobody: every call is refused until a table is installed.
 #[derive(Debug, Default)]
 pub(crate) struct Principals {
     current: RwLock<Arc<Table>>,
@@ -170,11 +171,6 @@ impl Principals {
         let n = table.list.len();
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
         Ok(n)
-    }
-
-    /// Puts in force a table that identifies nobody: every call is refused.
-    pub(crate) fn refuse_all(&self) {
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::default();
     }
 
     /// The principal `creds` identify (the anonymous one when none is configured).

@@ -280,13 +280,13 @@ where
                 self.engine.metrics.stalled();
             }
             self.stalled = stalled;
-            if !can_read {
-                // Not reading this turn: a turn at the budget it was handed goes to the next call.
-                self.budget_wait = None;
-            }
             // A call holding nothing reads whatever the budget says, so none waits on the others
             // forever (README, "Memory budget").
             let exempt = self.held() == 0;
+            if !can_read || exempt {
+                // Not waiting for the budget this turn: a turn it was handed goes to the next call.
+                self.budget_wait = None;
+            }
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return self.cancelled().await,

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod otlp;
+pub mod principals;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -354,8 +354,10 @@ impl Call {
         // One message may wait for the transport while the next results coalesce in the session.
         let (tx, rx) = outbox::outbox();
         let dropped_at = Arc::new(std::sync::OnceLock::new());
-        // Every log line of the call names its principal.
-        let span = tracing::info_span!("call", principal = self.principal.name());
+        // Every log line of the call names its principal. The call's own events are at debug
+        // level, and so is the span: with the default `info` filter it costs nothing, not even
+        // the enter and exit on each poll of the session.
+        let span = tracing::debug_span!("call", principal = self.principal.name());
         self.slot.admitted();
         let session = Session::new(
             Arc::clone(&self.engine),

@@ -1,13 +1,19 @@
 //! The global worker pool, shared by principals by weight, then among each principal's calls in turn.
 //!
 //! Each principal (with none configured, the one implicit principal) is a group, and each call a
-//! [`Lane`] of its group. A lane asks for as many slots as it has queued jobs. A free slot goes to the
-//! group furthest below its weighted share of the slots held, counting only groups that want one and
-//! are under their `max_running` (ties go to the group served longest ago); within the group it goes
-//! to the next lane in the group's ring. So one principal's 1,000 calls get that principal's share,
-//! not 1,000 shares; an idle principal's share goes to the others; and a call with 100,000 queued jobs
-//! gets one slot per turn like a call of the same principal with 20. Dropping a lane returns every
-//! slot it held or was granted.
+//! [`Lane`] of its group. A lane asks for as many slots as it has queued jobs. A free slot goes to a
+//! group that wants one and is under its `max_running`:
+//! - first to the groups whose running jobs are below their share of the pool (`workers` × weight ÷
+//!   the weights of the groups that want slots), so slots held by long jobs end up shared by weight;
+//! - among those, weighted round robin (stride scheduling): each grant moves the group's pass on by
+//!   1/weight and the lowest pass goes next, so starts, and with jobs of one length throughput, follow
+//!   the weights. A group that comes back from idle starts at the current pass: no burst for the time
+//!   it wanted nothing, whose share went to the others.
+//!
+//! Within the group the slot goes to the next lane in the group's ring. So one principal's 1,000 calls
+//! get that principal's share, not 1,000 shares, and a call with 100,000 queued jobs gets one slot per
+//! turn like a call of the same principal with 20. Dropping a lane returns every slot it held or was
+//! granted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -19,8 +25,13 @@ pub(crate) struct Scheduler {
     state: Mutex<State>,
 }
 
+/// One grant moves a group of weight `w` on by `STRIDE / w` (exact for the weights up to 16).
+const STRIDE: u128 = 720_720;
+
 #[derive(Debug)]
 struct State {
+    /// The pool's size.
+    slots: usize,
     /// Slots nobody holds. Invariant: `free > 0` only when no group under its cap wants a slot.
     free: usize,
     /// Groups by index (a principal's metrics row); never removed, so an index stays valid.
@@ -29,8 +40,10 @@ struct State {
     active: Vec<usize>,
     lanes: HashMap<u64, LaneState>,
     next_id: u64,
-    /// Counts grants; stamps the group served, for turns among groups with equal shares.
+    /// Counts grants; stamps the group served, for turns among groups with equal passes.
     clock: u64,
+    /// The pass of the latest grant: where a group coming back from idle starts.
+    vtime: u128,
 }
 
 /// One principal's claim on the pool.
@@ -38,10 +51,14 @@ struct State {
 struct Group {
     /// Its share of the slots relative to the other groups'.
     weight: u64,
+    /// `STRIDE / weight`: what one grant moves its pass on by (computed once, not per grant).
+    stride: u128,
     /// Most slots its lanes may hold at once (`max_running`).
     cap: usize,
     /// Slots granted to its lanes and not given back (taken by their owners or not).
     held: usize,
+    /// Of those, the slots taken by their owners: running jobs.
+    running: usize,
     /// Slots its lanes asked for and were not granted yet.
     wants: usize,
     /// Its lanes waiting for a slot, in turn order; each lane appears at most once.
@@ -49,6 +66,8 @@ struct Group {
     /// Entries of `ring` whose lane was dropped: skipped when their turn comes, swept out when they
     /// are the larger part, so calls that come and go while every slot is busy cannot grow it.
     dead: usize,
+    /// Its place in the weighted round robin: grows by `STRIDE / weight` per grant.
+    pass: u128,
     /// `State::clock` when it was last granted a slot.
     served: u64,
     active: bool,
@@ -81,6 +100,7 @@ impl Scheduler {
     pub(crate) fn new(slots: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
+                slots,
                 free: slots,
                 groups: vec![Group::new()],
                 active: Vec::new(),
@@ -88,6 +108,7 @@ impl Scheduler {
                 next_id: 0,
                 // From 1: a group never served (0) comes before any that was.
                 clock: 1,
+                vtime: 0,
             }),
         })
     }
@@ -99,6 +120,7 @@ impl Scheduler {
             let mut state = self.lock();
             let g = state.group_mut(group);
             g.weight = u64::from(weight.max(1));
+            g.stride = STRIDE / u128::from(g.weight);
             g.cap = cap.unwrap_or(usize::MAX);
             // A raised cap may let the group take free slots now.
             state.dispatch(&mut wake);
@@ -149,11 +171,14 @@ impl Group {
     fn new() -> Self {
         Self {
             weight: 1,
+            stride: STRIDE,
             cap: usize::MAX,
             held: 0,
+            running: 0,
             wants: 0,
             ring: VecDeque::new(),
             dead: 0,
+            pass: 0,
             served: 0,
             active: false,
         }
@@ -184,6 +209,7 @@ impl State {
         group.wants += n;
         if group.wants > 0 && !group.active {
             group.active = true;
+            group.pass = group.pass.max(self.vtime);
             self.active.push(g);
         }
     }
@@ -200,42 +226,36 @@ impl State {
         }
     }
 
-    /// Gives `n` slots held by group `g` back to the pool.
-    fn give_back(&mut self, g: usize, n: usize) {
+    /// Gives back to the pool `n` slots held by group `g`, `taken` of them taken by their owners.
+    fn give_back(&mut self, g: usize, n: usize, taken: usize) {
         let group = &mut self.groups[g];
         group.held -= n.min(group.held);
+        group.running -= taken.min(group.running);
         self.free += n;
     }
 
-    /// The group a free slot goes to: furthest below its weighted share of the slots held, among the
-    /// groups that want one and are under their cap; ties go to the one served longest ago.
+    /// The group a free slot goes to, among those that want one and are under their cap: one below
+    /// its share of the pool if any, the lowest pass first (ties: the one served longest ago).
     fn pick(&self) -> Option<usize> {
         if let [only] = self.active[..] {
             let g = &self.groups[only];
             return (g.held < g.cap).then_some(only);
         }
-        let mut best: Option<(usize, &Group)> = None;
-        for &i in &self.active {
-            let g = &self.groups[i];
-            if g.held >= g.cap {
-                continue;
-            }
-            let better = match best {
-                None => true,
-                Some((_, b)) => {
-                    // held/weight < b.held/b.weight, exactly.
-                    let (mine, theirs) = (
-                        g.held as u128 * b.weight as u128,
-                        b.held as u128 * g.weight as u128,
-                    );
-                    mine < theirs || (mine == theirs && g.served < b.served)
-                }
-            };
-            if better {
-                best = Some((i, g));
-            }
-        }
-        best.map(|(i, _)| i)
+        let weights: u128 = self
+            .active
+            .iter()
+            .map(|&i| self.groups[i].weight as u128)
+            .sum();
+        // running < slots × weight ÷ weights, exactly. Running jobs, not grants: jobs that end as soon
+        // as they start (echo) leave their slots granted only until their call's next turn.
+        let below =
+            |g: &Group| (g.running as u128) * weights < (self.slots as u128) * g.weight as u128;
+        self.active
+            .iter()
+            .map(|&i| (i, &self.groups[i]))
+            .filter(|(_, g)| g.held < g.cap)
+            .min_by_key(|(_, g)| (!below(g), g.pass, g.served))
+            .map(|(i, _)| i)
     }
 
     /// Hands free slots to waiting lanes while a group may take one; returns, through `wake`, the
@@ -265,6 +285,8 @@ impl State {
             group.held += 1;
             group.served = self.clock;
             self.clock += 1;
+            self.vtime = self.vtime.max(group.pass);
+            group.pass += group.stride;
             self.free -= 1;
             if let Some(w) = lane.waker.take() {
                 wake.push(w);
@@ -288,7 +310,7 @@ impl State {
             self.groups[lane.group].dead_entry(lanes);
         }
         self.sub_wants(lane.group, lane.wants);
-        self.give_back(lane.group, held + lane.granted);
+        self.give_back(lane.group, held + lane.granted, held);
     }
 }
 
@@ -338,6 +360,8 @@ impl Lane {
         };
         if lane.granted > 0 {
             let n = std::mem::take(&mut lane.granted);
+            let g = lane.group;
+            state.groups[g].running += n;
             self.held += n;
             return Poll::Ready(n);
         }
@@ -352,10 +376,11 @@ impl Lane {
     #[cfg(test)]
     pub(crate) fn take(&mut self) -> usize {
         let mut state = self.scheduler.lock();
-        let n = state
-            .lanes
-            .get_mut(&self.id)
-            .map_or(0, |lane| std::mem::take(&mut lane.granted));
+        let Some(lane) = state.lanes.get_mut(&self.id) else {
+            return 0;
+        };
+        let (n, g) = (std::mem::take(&mut lane.granted), lane.group);
+        state.groups[g].running += n;
         self.held += n;
         n
     }
@@ -371,7 +396,7 @@ impl Lane {
         {
             let mut state = self.scheduler.lock();
             if let Some(g) = state.lanes.get(&self.id).map(|l| l.group) {
-                state.give_back(g, n);
+                state.give_back(g, n, n);
                 state.dispatch(&mut wake);
             }
         }
@@ -388,7 +413,8 @@ impl Lane {
                 let (g, wants) = (lane.group, std::mem::take(&mut lane.wants));
                 let granted = std::mem::take(&mut lane.granted);
                 state.sub_wants(g, wants);
-                state.give_back(g, std::mem::take(&mut self.held) + granted);
+                let held = std::mem::take(&mut self.held);
+                state.give_back(g, held + granted, held);
                 state.dispatch(&mut wake);
             }
         }
@@ -674,5 +700,32 @@ mod tests {
         assert_eq!(s_state.groups[1].wants, 0);
         assert!(!s_state.groups[1].active);
         assert_eq!(s_state.active, [0]);
+    }
+
+    /// Jobs of one length that end as soon as they start (echo): the slots held say little, the
+    /// starts follow the weights exactly.
+    #[test]
+    fn starts_follow_the_weights_when_jobs_end_at_once() {
+        let s = Scheduler::new(1);
+        for (g, w) in [(1, 1), (2, 2), (3, 4)] {
+            s.configure(g, w, None);
+        }
+        let mut lanes: Vec<Lane> = (1..=3)
+            .map(|g| {
+                let mut l = s.lane(g);
+                l.want(10_000);
+                l
+            })
+            .collect();
+        let mut starts = [0; 3];
+        while starts.iter().sum::<usize>() < 700 {
+            for (i, l) in lanes.iter_mut().enumerate() {
+                if l.take() == 1 {
+                    starts[i] += 1;
+                    l.release(1);
+                }
+            }
+        }
+        assert_eq!(starts, [100, 200, 400]);
     }
 }

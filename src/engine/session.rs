@@ -216,7 +216,7 @@ where
                 self.observe_cancel(held, reason, from);
             }
             End::Status(e) => {
-                tracing::debug!(error = %e, "call ended");
+                tracing::debug!(error = %e, principal = self.principal.name(), "call ended");
                 self.stop_all(reason.as_str());
                 // A deadline is known in advance: its jobs are late from the deadline on.
                 let from = match (reason, self.deadline) {

@@ -5,6 +5,7 @@ mod lines;
 mod progress;
 mod record;
 mod run;
+mod token;
 mod traceparent;
 
 use std::time::Duration;
@@ -17,6 +18,7 @@ pub use lines::{Line, LineDecoder};
 pub use progress::Progress;
 pub use record::{ok_ids, outcome_name, LogRecord, ResultRecord};
 pub use run::{run, RunOptions, DEFAULT_MAX_MESSAGE, MAX_LINE};
+pub use token::{Token, TokenError};
 pub use traceparent::{outgoing_traceparent, TraceHeaders};
 
 use crate::outcome::Outcome;

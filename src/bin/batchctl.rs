@@ -30,6 +30,9 @@ struct Cli {
     /// The daemon's address
     #[arg(long, global = true, env = "BATCHD_ENDPOINT", default_value = client::DEFAULT_ENDPOINT)]
     endpoint: String,
+    /// File holding the bearer token for a daemon with principals (else $BATCHD_TOKEN, the token)
+    #[arg(long, global = true, env = "BATCHD_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +103,9 @@ struct RunArgs {
     /// No progress line, only the summary
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// The bearer token (from --token-file or BATCHD_TOKEN)
+    #[arg(skip)]
+    token: Option<client::Token>,
 }
 
 fn main() -> ExitCode {
@@ -115,10 +121,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_NOT_OK);
         }
     };
+    let token = match client::Token::from_file_or_env(
+        cli.token_file.as_deref(),
+        std::env::var("BATCHD_TOKEN").ok(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("batchctl: {e}");
+            return ExitCode::from(EXIT_INPUT);
+        }
+    };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => traced_run(&cli.endpoint, args).await,
-            Command::Handlers => handlers(&cli.endpoint).await,
+            Command::Run(args) => traced_run(&cli.endpoint, RunArgs { token, ..args }).await,
+            Command::Handlers => handlers(&cli.endpoint, token).await,
             Command::Health => health(&cli.endpoint).await,
             Command::Completions { shell } => {
                 let mut script = Vec::new();
@@ -294,6 +310,7 @@ async fn run_jobs(
         deadline: args.deadline,
         skip,
         trace: Some(trace.headers().clone()),
+        token: args.token,
         ..RunOptions::default()
     };
     let input: Box<dyn AsyncRead + Unpin + Send> = match &file {
@@ -408,10 +425,14 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     Ok(n + u64::from(last != b'\n'))
 }
 
-async fn handlers(endpoint: &str) -> Result<u8, Fail> {
+async fn handlers(endpoint: &str, token: Option<client::Token>) -> Result<u8, Fail> {
     let mut client = client::connect(endpoint).await?;
+    let mut request = tonic::Request::new(batchd::proto::ListHandlersRequest {});
+    if let Some(token) = token {
+        token.insert_into(request.metadata_mut());
+    }
     let list = client
-        .list_handlers(batchd::proto::ListHandlersRequest {})
+        .list_handlers(request)
         .await
         .map_err(ClientError::from_status)?
         .into_inner();

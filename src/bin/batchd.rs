@@ -7,7 +7,7 @@ use anyhow::Context;
 use batchd::config::{Config, ConfigError, Flags};
 use batchd::handlers::exec::{self, Reaper};
 use batchd::server::systemd::{self, Systemd};
-use batchd::{Registry, Server};
+use batchd::{Engine, Registry, Server};
 use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -41,7 +41,10 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return config_error(&ConfigError::from(e)),
     };
-    match run(config, registry, reaper) {
+    if let Err(e) = batchd::auth::check_handlers(&config.principal, |h| registry.get(h).is_some()) {
+        return config_error(&ConfigError::from(e));
+    }
+    match run(config, registry, reaper, &cli.flags) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -57,7 +60,12 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 #[tokio::main]
-async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    registry: Registry,
+    reaper: Reaper,
+    flags: &Flags,
+) -> anyhow::Result<()> {
     // Installed first and kept to the end: tokio's handler stays installed once a signal is
     // listened for, so a signal nobody listens for would be swallowed.
     let mut signals = Signals::install()?;
@@ -65,7 +73,7 @@ async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Resu
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
     // Subreaper, clean-up after a crashed instance, isolation logged: before serving.
     exec::start_up(&reaper);
-    let res = serve(config, registry, &reaper, &telemetry, &mut signals).await;
+    let res = serve(config, registry, &reaper, &telemetry, &mut signals, flags).await;
     let finish = async {
         // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
         // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
@@ -97,6 +105,7 @@ async fn serve(
     reaper: &Reaper,
     telemetry: &batchd::telemetry::Telemetry,
     signals: &mut Signals,
+    flags: &Flags,
 ) -> anyhow::Result<()> {
     // Socket activation: systemd's sockets, bound before the daemon starts, replace `listen` and
     // `admin_listen`; whatever it did not pass is bound here.
@@ -118,6 +127,7 @@ async fn serve(
             .await
             .with_context(|| format!("binding the admin listener {}", config.admin_listen))?,
     };
+    let listen = listener.local_addr()?;
     let mut server = Server::new(config, registry).with_admin(admin);
     if let Some(systemd) = Systemd::from_env() {
         tracing::info!(
@@ -126,13 +136,22 @@ async fn serve(
         );
         server = server.with_systemd(systemd);
     }
-    telemetry.push_metrics(server.engine());
+    let engine = server.engine().clone();
+    telemetry.push_metrics(&engine);
     let stop = tokio_util::sync::CancellationToken::new();
     let serve = server.serve(listener, stop.clone().cancelled_owned());
     tokio::pin!(serve);
-    tokio::select! {
-        res = &mut serve => return res.context("serving"),
-        name = signals.next() => tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)"),
+    loop {
+        tokio::select! {
+            res = &mut serve => return res.context("serving"),
+            signal = signals.next_or_hangup() => match signal {
+                Some(name) => {
+                    tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)");
+                    break;
+                }
+                None => reload(flags, &engine, listen),
+            },
+        }
     }
     stop.cancel();
     tokio::select! {
@@ -141,10 +160,42 @@ async fn serve(
     }
 }
 
-/// SIGTERM and SIGINT, listened for from start-up to exit.
+/// SIGHUP: the principals (tokens, quotas, weights, handlers) and `reflection_open` of the config as
+/// it is now, for calls opened from now on. A config that would not start is refused with the same
+/// message, and the principals in force stay. Other fields take effect at the next start.
+fn reload(flags: &Flags, engine: &Engine, listen: std::net::SocketAddr) {
+    let loaded = Config::load(flags, std::env::vars()).and_then(|c| {
+        let known = |h: &str| engine.registry().get(h).is_some();
+        batchd::auth::check_handlers(&c.principal, known)?;
+        Ok(c)
+    });
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: reload refused, the principals in force stay: {e}");
+            return;
+        }
+    };
+    match engine.set_principals(&config.principal, config.reflection_open) {
+        Ok(n) => {
+            tracing::info!(
+                principals = n,
+                "SIGHUP: principals reloaded (other fields take effect at the next start)"
+            );
+            batchd::server::warn_plaintext_tokens(&config, listen);
+        }
+        Err(e) => tracing::error!(
+            "SIGHUP: reload refused, the principals in force stay: {}",
+            ConfigError::from(e)
+        ),
+    }
+}
+
+/// SIGTERM and SIGINT, listened for from start-up to exit, and SIGHUP (reload).
 struct Signals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl Signals {
@@ -152,7 +203,17 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT (its name) or SIGHUP (`None`).
+    async fn next_or_hangup(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            _ = self.term.recv() => Some("SIGTERM"),
+            _ = self.int.recv() => Some("SIGINT"),
+            _ = self.hup.recv() => None,
+        }
     }
 
     /// Waits for the next SIGTERM or SIGINT; returns its name.

@@ -62,6 +62,8 @@ pub struct RunOptions {
     /// W3C trace context to send (batchctl's `batchctl.run` span); `None`: a `traceparent` made
     /// here, a child of `$TRACEPARENT` when the caller runs in a trace.
     pub trace: Option<TraceHeaders>,
+    /// The bearer token to send, for a daemon with principals.
+    pub token: Option<super::Token>,
 }
 
 impl Default for RunOptions {
@@ -78,6 +80,7 @@ impl Default for RunOptions {
             deadline: None,
             skip: HashSet::new(),
             trace: None,
+            token: None,
         }
     }
 }
@@ -180,6 +183,9 @@ where
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(d) = self.opts.deadline {
             request.set_timeout(d);
+        }
+        if let Some(token) = &self.opts.token {
+            token.insert_into(request.metadata_mut());
         }
         // The daemon's spans join this trace: a child of $TRACEPARENT when the caller runs in one.
         match &self.opts.trace {

@@ -5,6 +5,7 @@ pub mod batchctl;
 pub mod daemon;
 pub mod jobs;
 pub mod otlp;
+pub mod principals;
 pub mod procs;
 pub mod proxy;
 pub mod recovery;

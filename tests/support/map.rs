@@ -71,6 +71,18 @@ impl Ctl {
         stdin: Option<Vec<u8>>,
         env: &[(&str, &str)],
     ) -> Self {
+        let mut ctl = Self::start(url, cwd, args, stdin.is_some(), env);
+        if let Some(data) = stdin {
+            let mut pipe = ctl.child.stdin.take().unwrap();
+            // batchctl may stop reading early (--strict); a broken pipe is its business.
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&data);
+            });
+        }
+        ctl
+    }
+
+    fn start(url: &str, cwd: &Path, args: &[&str], piped: bool, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchctl"));
         for var in CLEARED {
             cmd.env_remove(var);
@@ -81,21 +93,10 @@ impl Ctl {
             .current_dir(cwd)
             .envs(env.iter().copied())
             .env("COLUMNS", "100")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if piped { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
-        if let Some(data) = stdin {
-            let mut pipe = child.stdin.take().unwrap();
-            // batchctl may stop reading early (--strict); a broken pipe is its business.
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&data);
-            });
-        }
         // Drained all along, so batchctl never blocks on a full pipe.
         let drain = |mut pipe: Box<dyn Read + Send>| {
             let buf = Arc::new(Mutex::new(Vec::new()));
@@ -120,9 +121,25 @@ impl Ctl {
         }
     }
 
+    /// What batchctl wrote on stdout so far.
+    pub fn stdout_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.buf.lock().unwrap()).into_owned()
+    }
+
     /// What batchctl wrote on stderr so far.
     pub fn stderr_so_far(&self) -> String {
         String::from_utf8_lossy(&self.stderr.buf.lock().unwrap()).into_owned()
+    }
+
+    /// Like [`Ctl::spawn`], with stdin a pipe the test holds open (and may write to).
+    pub fn spawn_open_stdin(
+        url: &str,
+        cwd: &Path,
+        args: &[&str],
+    ) -> (Self, std::process::ChildStdin) {
+        let mut ctl = Self::start(url, cwd, args, true, &[]);
+        let stdin = ctl.child.stdin.take().unwrap();
+        (ctl, stdin)
     }
 
     pub fn pid(&self) -> u32 {

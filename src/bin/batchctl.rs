@@ -545,7 +545,7 @@ async fn map(
         follow: inputs.follow,
     };
     let total = progress.total();
-    let _counter = (!reads_list).then(|| {
+    let _counter = (!reads_list && progress.is_drawn()).then(|| {
         AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
             if let Some(n) = client::map::count_inputs(&counting) {
                 total.store(n, Ordering::Relaxed);

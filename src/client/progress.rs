@@ -49,6 +49,11 @@ impl Progress {
         }
     }
 
+    /// Whether the line is drawn (so that counting the input's total is worth it).
+    pub fn is_drawn(&self) -> bool {
+        !self.bar.is_hidden()
+    }
+
     /// Where a background count stores the number of jobs in the input (0: unknown).
     pub fn total(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.total)

@@ -208,8 +208,19 @@ struct Opened {
     file: std::fs::File,
     size: usize,
     regular: bool,
+    /// The most payload bytes a request of `--max-message` carries for this job.
+    by_message: usize,
     job: proto::Job,
     tag: MapTag,
+}
+
+/// The limit that a file's size passes.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// `--max-message` (its size).
+    Message(usize),
+    /// The daemon's `max_payload`.
+    Payload(usize),
 }
 
 /// Turns inputs into jobs: numbering, templates, skips, checks, reading. Blocking.
@@ -280,7 +291,7 @@ impl Reader {
                     Next::End => return (out, true),
                 },
             };
-            // The payload limit may have been learnt since the file was opened.
+            // The daemon's payload limit may have been learnt since the file was opened.
             if let Some(pull) = self.too_large(&opened, room) {
                 out.push(pull);
                 continue;
@@ -363,17 +374,19 @@ impl Reader {
             .iter()
             .map(|(k, t)| (k.clone(), t.render(&id, self.number)))
             .collect();
+        let job = proto::Job {
+            id,
+            handler: self.handler.clone(),
+            payload: Default::default(),
+            params,
+            timeout: self.timeout,
+        };
         let opened = Opened {
             file,
             size: usize::try_from(meta.len()).unwrap_or(usize::MAX),
             regular: meta.is_file(),
-            job: proto::Job {
-                id,
-                handler: self.handler.clone(),
-                payload: Default::default(),
-                params,
-                timeout: self.timeout,
-            },
+            by_message: self.by_message(&job),
+            job,
             tag: MapTag { out },
         };
         match self.too_large(&opened, room) {
@@ -382,41 +395,31 @@ impl Reader {
         }
     }
 
-    /// The most payload bytes a job of `opened` may carry, and which limit says so.
-    fn limit(&self, opened: &Opened, room: Room) -> (usize, String) {
-        let need = |n| call::request_size_with_payload(&self.batch, &opened.job, n);
-        // The largest n with need(n) <= max_message: need grows by at least 1 per byte.
-        let overhead = need(0);
-        let mut n = self.max_message.saturating_sub(overhead);
+    /// The most payload bytes a request of `--max-message` carries for `job` (its payload empty).
+    fn by_message(&self, job: &proto::Job) -> usize {
+        let need = |n| call::request_size_with_payload(&self.batch, job, n);
+        // The largest n with need(n) <= max_message; need grows by at least 1 per byte, and by a
+        // few more where the length prefixes grow.
+        let mut n = self.max_message.saturating_sub(need(0));
         while n > 0 && need(n) > self.max_message {
             n -= 1;
         }
-        let by_message = (
-            n,
-            format!(
-                "too large to send within --max-message ({})",
-                size_text(self.max_message)
-            ),
-        );
+        n
+    }
+
+    /// The most payload bytes `opened` may carry, and which limit says so.
+    fn limit(&self, opened: &Opened, room: Room) -> (usize, Limit) {
         match room.max_payload {
-            Some(p) if p < by_message.0 => (
-                p,
-                format!("over the daemon's max_payload ({})", size_text(p)),
-            ),
-            _ => by_message,
+            Some(p) if p < opened.by_message => (p, Limit::Payload(p)),
+            _ => (opened.by_message, Limit::Message(self.max_message)),
         }
     }
 
     /// A report when a regular file is larger than it may be.
     fn too_large(&self, opened: &Opened, room: Room) -> Option<Pull<MapTag>> {
         let (limit, why) = self.limit(opened, room);
-        (opened.regular && opened.size > limit).then(|| {
-            Pull::Bad(BadInput {
-                kind: BadKind::TooLarge,
-                at: opened.job.id.clone(),
-                reason: format!("{} bytes, {why}; skipped", opened.size),
-            })
-        })
+        (opened.regular && opened.size > limit)
+            .then(|| too_large(&opened.job.id, &format!("{} bytes", opened.size), why))
     }
 
     /// Reads an opened file into its job (at most one byte over its limit, to notice growth).
@@ -439,11 +442,7 @@ impl Reader {
             });
         }
         if buf.len() > limit {
-            return Pull::Bad(BadInput {
-                kind: BadKind::TooLarge,
-                at: job.id,
-                reason: format!("more than {limit} bytes, {why}; skipped"),
-            });
+            return too_large(&job.id, &format!("more than {limit} bytes"), why);
         }
         job.payload = buf.into();
         Pull::Job(Fed {
@@ -453,4 +452,17 @@ impl Reader {
             tag,
         })
     }
+}
+
+/// The report of a file too large: `PATH: SIZE, too large to send within --max-message (16MiB)`.
+fn too_large(path: &str, size: &str, why: Limit) -> Pull<MapTag> {
+    let why = match why {
+        Limit::Message(m) => format!("too large to send within --max-message ({})", size_text(m)),
+        Limit::Payload(p) => format!("over the daemon's max_payload ({})", size_text(p)),
+    };
+    Pull::Bad(BadInput {
+        kind: BadKind::TooLarge,
+        at: path.to_owned(),
+        reason: format!("{size}, {why}; skipped"),
+    })
 }

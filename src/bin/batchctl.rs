@@ -22,6 +22,12 @@ use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::Channel;
 
+// mimalloc: with glibc's malloc, payload buffers of a few MiB, allocated and freed on different
+// threads, stay in its arenas (its mmap threshold rises to the largest block freed), so `map` over
+// large files held about twice --max-in-flight-bytes in RSS; mimalloc returns them (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Every job ended ok.
 const EXIT_OK: u8 = 0;
 /// Some job did not end ok, or the call failed.

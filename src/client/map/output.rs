@@ -108,7 +108,7 @@ pub(super) fn write_atomic(
         dirs.insert(dir.to_owned());
     }
     let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".batchctl-{}-{n}.tmp", std::process::id()));
+    let tmp = dir.join(format!(".batchctl-{}-{n}.tmp", pid()));
     let _writing = hold_outputs();
     let res = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -123,6 +123,12 @@ pub(super) fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
     }
     res.map_err(named)
+}
+
+/// This process's id (read once: it is in every temporary file's name).
+fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 #[cfg(test)]

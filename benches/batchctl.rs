@@ -525,23 +525,26 @@ fn map_set(
     // Outputs go to a new directory each run, all removed once the set is done: creating files
     // right after deleting as many makes ext4 scan its recently deleted inodes (`recently_deleted`
     // in a kernel profile), which multiplied the time of every tool that writes files up to 10×.
-    for tool in &tools {
-        let mut best: Option<(Duration, u64)> = None;
-        let mut walls = Vec::new();
-        for run in 0..runs {
+    // Runs interleaved (every tool once, then again), so that a busy moment of the shared
+    // machine does not fall on one tool's runs only.
+    let mut results: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); tools.len()];
+    for run in 0..runs {
+        for (tool, times) in tools.iter().zip(&mut results) {
             let out = format!("out-{}-{run}", tool.name);
             std::fs::create_dir_all(dir.join(&out)).unwrap();
             sync();
-            let (wall, peak_kib) = run_script(url, dir, &tool.script, &out);
-            walls.push(format!("{:.2}", wall.as_secs_f64()));
-            if best.is_none_or(|(w, _)| wall < w) {
-                best = Some((wall, peak_kib));
-            }
+            times.push(run_script(url, dir, &tool.script, &out));
             if tool.per_file {
                 check_outputs(dir, &out, n);
             }
         }
-        let (wall, peak_kib) = best.unwrap();
+    }
+    for (tool, times) in tools.iter().zip(&results) {
+        let (wall, _) = *times.iter().min_by_key(|(wall, _)| *wall).unwrap();
+        let walls: Vec<String> = times
+            .iter()
+            .map(|(w, _)| format!("{:.2}", w.as_secs_f64()))
+            .collect();
         let secs = wall.as_secs_f64();
         let name = tool.name;
         println!(
@@ -550,7 +553,11 @@ fn map_set(
             n as f64 / secs,
             bytes as f64 / 1e6 / secs,
             if name.starts_with("batchctl") {
-                format!(", batchctl peak RSS {:.1} MiB", mib(peak_kib))
+                let peak = times.iter().map(|(_, p)| *p).max().unwrap_or(0);
+                format!(
+                    ", batchctl peak RSS {:.1} MiB (largest of the runs)",
+                    mib(peak)
+                )
             } else {
                 String::new()
             }

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
 
@@ -11,20 +11,28 @@ use super::Summary;
 
 /// Redraws per second, at most.
 const REDRAW_HZ: u8 = 10;
+/// Least time between two updates of the line's figures (each costs indicatif's lock and the
+/// counts' formatting; results may come thousands of times a second).
+const UPDATE_EVERY: Duration = Duration::from_millis(50);
 /// How often the line is redrawn while no result arrives (elapsed time and ETA move on).
 const STEADY_TICK: Duration = Duration::from_millis(500);
 /// The line when the total is known.
-const WITH_TOTAL: &str = "{pos}/{len} {percent}% {per_sec:.0} ETA {eta} | {wide_msg}";
+const WITH_TOTAL: &str = "{pos}/{len} {percent}% {per_sec:0} ETA {eta} | {wide_msg}";
 /// The line when it is not (stdin, or before the count is done).
-const WITHOUT_TOTAL: &str = "{pos} done {per_sec:.0} | {wide_msg}";
+const WITHOUT_TOTAL: &str = "{pos} done {per_sec:0} | {wide_msg}";
 
 /// Draws progress on stderr when enabled; prints messages above it. Clones draw the same line.
 #[derive(Debug, Clone)]
 pub struct Progress {
     bar: ProgressBar,
+    /// Whether the bar is drawn at all (read once: asking the bar takes its lock).
+    drawn: bool,
     total: Arc<AtomicU64>,
     /// Whether the bar has a length (the style in use).
     sized: Arc<AtomicBool>,
+    start: Instant,
+    /// When the figures may be updated next, in milliseconds since `start`.
+    next_update: Arc<AtomicU64>,
 }
 
 // === impl Progress ===
@@ -43,15 +51,18 @@ impl Progress {
             ProgressBar::hidden()
         };
         Self {
+            drawn: !bar.is_hidden(),
             bar,
             total: Arc::new(AtomicU64::new(0)),
             sized: Arc::new(AtomicBool::new(false)),
+            start: Instant::now(),
+            next_update: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Whether the line is drawn (so that counting the input's total is worth it).
     pub fn is_drawn(&self) -> bool {
-        !self.bar.is_hidden()
+        self.drawn
     }
 
     /// Where a background count stores the number of jobs in the input (0: unknown).
@@ -59,11 +70,17 @@ impl Progress {
         Arc::clone(&self.total)
     }
 
-    /// Updates the line from the run's counts (drawn at most [`REDRAW_HZ`] times a second).
+    /// Updates the line from the run's counts, at most every [`UPDATE_EVERY`].
     pub fn tick(&self, s: &Summary) {
-        if self.bar.is_hidden() {
+        if !self.drawn {
             return;
         }
+        let now = self.start.elapsed().as_millis() as u64;
+        if now < self.next_update.load(Ordering::Relaxed) {
+            return;
+        }
+        self.next_update
+            .store(now + UPDATE_EVERY.as_millis() as u64, Ordering::Relaxed);
         let total = self.total.load(Ordering::Relaxed);
         if total > 0 {
             if !self.sized.swap(true, Ordering::Relaxed) {
@@ -99,6 +116,8 @@ mod tests {
     fn the_templates_parse() {
         for t in [WITH_TOTAL, WITHOUT_TOTAL] {
             assert!(ProgressStyle::with_template(t).is_ok(), "{t}");
+            // In `{key:…}`, what follows a dot is a colour: `{per_sec:.0}` drew the rate black.
+            assert!(!t.contains(":."), "{t}");
         }
     }
 }

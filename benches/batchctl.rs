@@ -374,6 +374,7 @@ struct Tool {
 /// processes at a time (the machine's cores); the daemon's sha256 handler runs small payloads
 /// inline and large ones on its CPU pool (one thread per core). Peak RSS of batchctl is polled
 /// from `/proc`; for the large files it also runs with `--max-in-flight-bytes 64MiB`.
+/// `MAP_BENCH_SETS=small` or `large` runs one set, `MAP_BENCH_RUNS=N` sets the runs.
 fn map_bench() {
     ensure_parallel();
     let dir = tempfile::tempdir().unwrap();
@@ -390,12 +391,19 @@ fn map_bench() {
         command_version("xargs")
     );
 
-    let small = dir.path().join("small");
-    let bytes = write_set(&small, SMALL_FILES, |i| SMALL_SIZES[i % SMALL_SIZES.len()]);
-    map_set(&daemon.url, &small, "small", SMALL_FILES, bytes, runs, &[]);
-
+    // `MAP_BENCH_SETS=large` runs one set only.
+    let sets = std::env::var("MAP_BENCH_SETS").unwrap_or_else(|_| "small,large".into());
+    if sets.split(',').any(|s| s == "small") {
+        let small = dir.path().join("small");
+        let bytes = write_set(&small, SMALL_FILES, |i| SMALL_SIZES[i % SMALL_SIZES.len()]);
+        map_set(&daemon.url, &small, "small", SMALL_FILES, bytes, runs, &[]);
+        std::fs::remove_dir_all(&small).unwrap();
+    }
+    if !sets.split(',').any(|s| s == "large") {
+        daemon.stop();
+        return;
+    }
     let large = dir.path().join("large");
-    std::fs::remove_dir_all(&small).unwrap();
     let bytes = write_set(&large, LARGE_FILES, |_| LARGE_SIZE);
     map_set(
         &daemon.url,
@@ -513,6 +521,16 @@ fn map_set(
             per_file: false,
         },
     ];
+    // A reference for the hashing itself: coreutils' sha256sum does not use the CPU's SHA
+    // instructions; OpenSSL (like the daemon's sha2 crate) does.
+    if Command::new("openssl").arg("version").output().is_ok() {
+        tools.push(Tool {
+            name: "xargs_n100_openssl_stdout",
+            script: "find in -type f -print0 | xargs -0 -P2 -n100 openssl dgst -sha256 > /dev/null"
+                .into(),
+            per_file: false,
+        });
+    }
     for (name, flags) in extra {
         tools.push(Tool {
             name,

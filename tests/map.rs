@@ -463,3 +463,59 @@ async fn map_help_matches_its_snapshot() {
     assert_eq!(done.code, Some(EXIT_OK), "{done:?}");
     check_snapshot("batchctl-map-help.txt", &done.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_map_exports_its_span() {
+    use support::otlp::{attr, Collector};
+    let collector = Collector::start().await;
+    let otlp = collector.url();
+    let server = TestServer::start(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "in/a", b"a");
+    write(dir.path(), "in/b", b"b");
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str())];
+    let args = ["map", "sha256", "-r", "in", "missing", "--out", "out/{/}"];
+    let done = Ctl::spawn_env(&server.url(), dir.path(), &args, None, &env)
+        .finish(LIVENESS)
+        .await;
+    assert_eq!(done.code, Some(EXIT_INPUT), "{done:?}");
+    let run = collector.take_one("batchctl.run", LIVENESS).await;
+    assert_eq!(attr(&run.span, "rpc.method").as_deref(), Some("Process"));
+    assert_eq!(attr(&run.span, "batchctl.jobs.sent").as_deref(), Some("2"));
+    assert_eq!(attr(&run.span, "batchctl.results.ok").as_deref(), Some("2"));
+    assert_eq!(
+        attr(&run.span, "batchctl.end").as_deref(),
+        Some("completed")
+    );
+    assert_eq!(attr(&run.span, "process.exit.code").as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn the_deadline_stops_every_job() {
+    let server = TestServer::start(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3u64 {
+        write(dir.path(), &format!("in/{i}"), b"x");
+    }
+    let args = [
+        "map",
+        "sleep",
+        "-r",
+        "in",
+        "--param",
+        "ms=60000",
+        "--deadline",
+        "300ms",
+        "--out",
+        "out/{/}",
+    ];
+    let done = map_in(&server, dir.path(), &args).await;
+    assert_eq!(done.code, Some(EXIT_NOT_OK), "{done:?}");
+    assert!(
+        done.stderr.contains("DeadlineExceeded") || done.stderr.contains("deadline"),
+        "{}",
+        done.stderr
+    );
+    assert!(!dir.path().join("out").exists());
+    support::wait_until("the daemon has no job left", LIVENESS, || server.is_idle()).await;
+}

@@ -452,7 +452,6 @@ async fn run(
         joblog: name(args.call.joblog.as_deref(), ""),
     };
     let opts = RunOptions {
-        call: args.call.options(trace),
         ordered: args.ordered,
         defaults: LineDefaults {
             handler: args.handler,
@@ -460,6 +459,7 @@ async fn run(
             batch: args.call.batch.clone(),
         },
         skip: args.call.skip(&names.joblog).await?,
+        ..RunOptions::with_call(args.call.options(trace))
     };
     let input: Box<dyn AsyncRead + Unpin + Send> = match &file {
         Some(path) => Box::new(

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -14,23 +15,84 @@ use super::jobline::{self, LineDefaults};
 use super::jsonl::JsonlSink;
 use super::lines::{Line, LineDecoder};
 use super::progress::Progress;
-use super::{ClientError, Summary};
+use super::{ClientError, Summary, TraceHeaders};
 use crate::proto::batch_service_client::BatchServiceClient;
 
 /// Longest input line read; longer lines are reported and skipped.
 pub const MAX_LINE: usize = 64 * 1024 * 1024;
 
 /// How `run` reads, sends and writes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Batching, bounds, retries, deadline, tracing.
-    pub call: CallOptions,
+    /// Most jobs per JobBatch.
+    pub batch_size: usize,
+    /// Largest encoded request: a batch is sent before it would grow past it, and a job that does
+    /// not fit alone is a bad line. Keep it at or under the daemon's `max_message_size`.
+    pub max_message: usize,
+    /// Jobs sent and not yet written out; bounds memory, with `--ordered` too.
+    pub max_in_flight: usize,
+    /// Payload bytes read and not yet answered (a larger job alone is still sent).
+    pub max_in_flight_bytes: usize,
     /// Write results in input order.
     pub ordered: bool,
+    /// Resend a job that ends failed or timed_out up to this many times.
+    pub retry: u32,
+    /// Pause before the first retry; doubles each time.
+    pub retry_backoff: Duration,
+    /// Stop at the first bad input line.
+    pub strict: bool,
     /// Values for fields a line omits.
     pub defaults: LineDefaults,
+    /// Deadline of the whole call.
+    pub deadline: Option<Duration>,
     /// Ids to skip (finished ok in an earlier run, from the job log).
     pub skip: HashSet<String>,
+    /// W3C trace context to send (batchctl's `batchctl.run` span); `None`: a `traceparent` made
+    /// here, a child of `$TRACEPARENT` when the caller runs in a trace.
+    pub trace: Option<TraceHeaders>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self::with_call(CallOptions::default())
+    }
+}
+
+// === impl RunOptions ===
+
+impl RunOptions {
+    /// Options that send as `call` says, with the defaults of the rest.
+    pub fn with_call(call: CallOptions) -> Self {
+        Self {
+            batch_size: call.batch_size,
+            max_message: call.max_message,
+            max_in_flight: call.max_in_flight,
+            max_in_flight_bytes: call.max_in_flight_bytes,
+            ordered: false,
+            retry: call.retry,
+            retry_backoff: call.retry_backoff,
+            strict: call.strict,
+            defaults: LineDefaults::default(),
+            deadline: call.deadline,
+            skip: HashSet::new(),
+            trace: call.trace,
+        }
+    }
+
+    /// How the call sends, bounds and retries.
+    pub fn call(&self) -> CallOptions {
+        CallOptions {
+            batch_size: self.batch_size,
+            max_message: self.max_message,
+            max_in_flight: self.max_in_flight,
+            max_in_flight_bytes: self.max_in_flight_bytes,
+            retry: self.retry,
+            retry_backoff: self.retry_backoff,
+            strict: self.strict,
+            deadline: self.deadline,
+            trace: self.trace.clone(),
+        }
+    }
 }
 
 /// Runs every job of `input` over one Process call, writing results to `output` and, if given, the
@@ -52,12 +114,13 @@ where
 {
     let mut source = LineSource::new(input, opts);
     let mut sink = JsonlSink::new(output, opts.ordered);
+    let how = opts.call();
     call::drive(
         client,
         &mut source,
         &mut sink,
         joblog,
-        &opts.call,
+        &how,
         progress,
         interrupt,
     )

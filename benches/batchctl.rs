@@ -14,11 +14,16 @@
 //! Run: `cargo bench --bench batchctl` (both), `cargo bench --bench batchctl -- run` or `-- map`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::io::{BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use support::daemon::Daemon;
+use support::procfs::{self, first_child, status_value};
+use support::report::figure;
 
 use sha2::Digest as _;
 
@@ -33,6 +38,7 @@ const POLL: Duration = Duration::from_millis(10);
 const TIME_V: &str = "/usr/bin/time";
 
 fn main() {
+    procfs::print_machine();
     // `cargo bench` passes `--bench`; the other arguments name the scenarios.
     let named: Vec<String> = std::env::args()
         .skip(1)
@@ -50,11 +56,14 @@ fn main() {
 /// `batchctl run` over files of echo jobs: jobs/s and peak RSS (issue 3).
 fn run_bench() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path());
+    // A config file named in the environment would change what is measured.
+    let daemon = Daemon::spawn_with(&[], |cmd| {
+        cmd.env_remove("BATCHD_CONFIG");
+    });
+    let url = daemon.url();
     let time_v = Path::new(TIME_V).exists();
     println!(
-        "batchctl bench: daemon {} (release), /usr/bin/time -v: {}",
-        daemon.url,
+        "batchctl bench: daemon {url} (release), /usr/bin/time -v: {}",
         if time_v { "yes" } else { "no" }
     );
 
@@ -74,53 +83,62 @@ fn run_bench() {
     for n in sizes {
         let input = job_file(dir.path(), n);
         let size = std::fs::metadata(&input).unwrap().len();
-        println!("input_{n}.bytes: {size}");
-        let mut runs: Vec<Run> = (0..RUNS)
-            .map(|_| run(&daemon.url, &input, n, time_v))
-            .collect();
+        figure(&format!("input_{n}.bytes"), size);
+        let mut runs: Vec<Run> = (0..RUNS).map(|_| run(&url, &input, n, time_v)).collect();
         for (i, r) in runs.iter().enumerate() {
-            println!(
-                "run_{n}[{i}]: wall {:.2} s, {:.0} jobs/s, peak RSS polled {:.1} MiB (VmRSS max {:.1} MiB, {} samples){}, cpu user {} sys {}",
-                r.wall.as_secs_f64(),
-                n as f64 / r.wall.as_secs_f64(),
-                mib(r.hwm_kib),
-                mib(r.rss_kib),
-                r.samples,
-                r.time_v_kib.map_or(String::new(), |k| format!(", time -v max RSS {:.1} MiB", mib(k))),
-                r.user.as_deref().unwrap_or("?"),
-                r.sys.as_deref().unwrap_or("?"),
+            figure(
+                &format!("run_{n}[{i}]"),
+                format!(
+                    "wall {:.2} s, {:.0} jobs/s, peak RSS polled {:.1} MiB (VmRSS max {:.1} MiB, {} samples){}, cpu user {} sys {}",
+                    r.wall.as_secs_f64(),
+                    n as f64 / r.wall.as_secs_f64(),
+                    mib(r.hwm_kib),
+                    mib(r.rss_kib),
+                    r.samples,
+                    r.time_v_kib.map_or(String::new(), |k| format!(", time -v max RSS {:.1} MiB", mib(k))),
+                    r.user.as_deref().unwrap_or("?"),
+                    r.sys.as_deref().unwrap_or("?"),
+                ),
             );
         }
         runs.sort_by_key(|r| r.wall);
         let best = &runs[0];
         let peak = runs.iter().map(Run::peak_kib).max().unwrap();
-        println!("jobs_{n}: {n}");
-        println!("wall_s_{n}: {:.2}", best.wall.as_secs_f64());
-        println!("jobs_per_s_{n}: {:.0}", n as f64 / best.wall.as_secs_f64());
-        println!("peak_rss_mib_{n}: {:.1}", mib(peak));
+        figure(&format!("jobs_{n}"), n);
+        figure(
+            &format!("wall_s_{n}"),
+            format!("{:.2}", best.wall.as_secs_f64()),
+        );
+        figure(
+            &format!("jobs_per_s_{n}"),
+            format!("{:.0}", n as f64 / best.wall.as_secs_f64()),
+        );
+        figure(&format!("peak_rss_mib_{n}"), format!("{:.1}", mib(peak)));
         peaks.push((n, peak));
         std::fs::remove_file(&input).unwrap();
     }
 
     let (small_n, small) = peaks[0];
     let (big_n, big) = peaks[peaks.len() - 1];
-    println!(
-        "peak_rss_growth_mib_{small_n}_to_{big_n}: {:+.1}",
-        mib(big) - mib(small)
+    figure(
+        &format!("peak_rss_growth_mib_{small_n}_to_{big_n}"),
+        format!("{:+.1}", mib(big) - mib(small)),
     );
     let worst = peaks.iter().map(|(_, p)| mib(*p)).fold(0.0, f64::max);
-    println!(
-        "target_peak_rss_under_{RSS_TARGET_MIB}_mib: {} (worst {worst:.1} MiB)",
-        if worst < RSS_TARGET_MIB {
-            "met"
-        } else {
-            "NOT met"
-        }
+    figure(
+        &format!("target_peak_rss_under_{RSS_TARGET_MIB}_mib"),
+        format!(
+            "{} (worst {worst:.1} MiB)",
+            if worst < RSS_TARGET_MIB {
+                "met"
+            } else {
+                "NOT met"
+            }
+        ),
     );
-    if let Some(hwm) = proc_status(daemon.child.id()).and_then(|s| field_kib(&s, "VmHWM:")) {
-        println!("batchd_peak_rss_mib: {:.1}", mib(hwm));
+    if let Some(hwm) = procfs::status(daemon.pid()).and_then(|s| status_value(&s, "VmHWM")) {
+        figure("batchd_peak_rss_mib", format!("{:.1}", mib(hwm)));
     }
-    daemon.stop();
 }
 
 fn mib(kib: u64) -> f64 {
@@ -199,18 +217,18 @@ fn run(url: &str, input: &Path, n: u64, time_v: bool) -> Run {
         s
     });
     // Under time(1), batchctl is its child: find its pid.
-    let mut pid = (!time_v).then_some(child.id());
+    let mut pid = (!time_v).then(|| i32::try_from(child.id()).unwrap());
     let (mut hwm, mut rss, mut samples) = (0u64, 0u64, 0u64);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         if pid.is_none() {
-            pid = first_child(child.id());
+            pid = first_child(i32::try_from(child.id()).unwrap());
         }
-        if let Some(status) = pid.and_then(proc_status) {
-            hwm = hwm.max(field_kib(&status, "VmHWM:").unwrap_or(0));
-            rss = rss.max(field_kib(&status, "VmRSS:").unwrap_or(0));
+        if let Some(status) = pid.and_then(procfs::status) {
+            hwm = hwm.max(status_value(&status, "VmHWM").unwrap_or(0));
+            rss = rss.max(status_value(&status, "VmRSS").unwrap_or(0));
             samples += 1;
         }
         std::thread::sleep(POLL);
@@ -244,111 +262,6 @@ fn run(url: &str, input: &Path, n: u64, time_v: bool) -> Run {
     }
 }
 
-fn proc_status(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
-}
-
-/// `VmHWM:    1234 kB` → 1234.
-fn field_kib(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn first_child(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-// === the daemon ===
-
-/// The release `batchd` on a free port; killed if the bench panics.
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Self {
-        Self::start_with(dir, &[])
-    }
-
-    /// The daemon with `args` added to its command line.
-    fn start_with(dir: &Path, args: &[&str]) -> Self {
-        for attempt in 0..3 {
-            // A port that was free a moment ago; another process may take it first, hence the retry.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let log = dir.join(format!("batchd-{attempt}.log"));
-            let mut child = Command::new(env!("CARGO_BIN_EXE_batchd"))
-                .args(["--listen", &addr.to_string(), "--set", "log=warn"])
-                .args(["--admin-listen", "127.0.0.1:0"])
-                .args(args)
-                .env_remove("BATCHD_CONFIG")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(20) {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if TcpStream::connect(addr).is_ok() {
-                    return Self {
-                        child,
-                        url: format!("http://{addr}"),
-                    };
-                }
-                std::thread::sleep(POLL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!(
-                "batchd did not serve on {addr}: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        panic!("batchd did not start after 3 tries");
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            std::thread::sleep(POLL);
-        }
-        println!("batchd ignored SIGTERM for 10 s; killing it");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 // === batchctl map (issue 14) ===
 
 /// Small files: how many, and their sizes (bytes, cycling).
@@ -379,14 +292,16 @@ fn map_bench() {
     ensure_parallel();
     let dir = tempfile::tempdir().unwrap();
     // 10 MB files are over the default max_payload (8MiB); a request still fits 16MiB.
-    let daemon = Daemon::start_with(dir.path(), &["--set", "max_payload=12MiB"]);
+    let daemon = Daemon::spawn_with(&["--set", "max_payload=12MiB"], |cmd| {
+        cmd.env_remove("BATCHD_CONFIG");
+    });
+    let url = daemon.url();
     let runs: usize = std::env::var("MAP_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(MAP_RUNS);
     println!(
-        "batchctl map bench: daemon {} (release), {} and {}, {runs} runs each",
-        daemon.url,
+        "batchctl map bench: daemon {url} (release), {} and {}, {runs} runs each",
         command_version("parallel"),
         command_version("xargs")
     );
@@ -396,17 +311,16 @@ fn map_bench() {
     if sets.split(',').any(|s| s == "small") {
         let small = dir.path().join("small");
         let bytes = write_set(&small, SMALL_FILES, |i| SMALL_SIZES[i % SMALL_SIZES.len()]);
-        map_set(&daemon.url, &small, "small", SMALL_FILES, bytes, runs, &[]);
+        map_set(&url, &small, "small", SMALL_FILES, bytes, runs, &[]);
         std::fs::remove_dir_all(&small).unwrap();
     }
     if !sets.split(',').any(|s| s == "large") {
-        daemon.stop();
         return;
     }
     let large = dir.path().join("large");
     let bytes = write_set(&large, LARGE_FILES, |_| LARGE_SIZE);
     map_set(
-        &daemon.url,
+        &url,
         &large,
         "large",
         LARGE_FILES,
@@ -414,10 +328,9 @@ fn map_bench() {
         runs,
         &[("batchctl_map_out_64mib", "--max-in-flight-bytes 64MiB")],
     );
-    if let Some(hwm) = proc_status(daemon.child.id()).and_then(|s| field_kib(&s, "VmHWM:")) {
-        println!("map_batchd_peak_rss_mib: {:.1}", mib(hwm));
+    if let Some(hwm) = procfs::status(daemon.pid()).and_then(|s| status_value(&s, "VmHWM")) {
+        figure("map_batchd_peak_rss_mib", format!("{:.1}", mib(hwm)));
     }
-    daemon.stop();
 }
 
 /// Installs GNU parallel with apt when it is missing (the bench compares against it).
@@ -481,8 +394,8 @@ fn map_set(
     runs: usize,
     extra: &[(&'static str, &str)],
 ) {
-    println!("map_{set}_files: {n}");
-    println!("map_{set}_bytes: {bytes}");
+    figure(&format!("map_{set}_files"), n);
+    figure(&format!("map_{set}_bytes"), bytes);
     let mut tools = vec![
         Tool {
             name: "batchctl_map_out",
@@ -565,20 +478,23 @@ fn map_set(
             .collect();
         let secs = wall.as_secs_f64();
         let name = tool.name;
-        println!(
-            "map_{set}_{name}: best {secs:.2} s of [{}] s, {:.0} files/s, {:.1} MB/s{}",
-            walls.join(", "),
-            n as f64 / secs,
-            bytes as f64 / 1e6 / secs,
-            if name.starts_with("batchctl") {
-                let peak = times.iter().map(|(_, p)| *p).max().unwrap_or(0);
-                format!(
-                    ", batchctl peak RSS {:.1} MiB (largest of the runs)",
-                    mib(peak)
-                )
-            } else {
-                String::new()
-            }
+        figure(
+            &format!("map_{set}_{name}"),
+            format!(
+                "best {secs:.2} s of [{}] s, {:.0} files/s, {:.1} MB/s{}",
+                walls.join(", "),
+                n as f64 / secs,
+                bytes as f64 / 1e6 / secs,
+                if name.starts_with("batchctl") {
+                    let peak = times.iter().map(|(_, p)| *p).max().unwrap_or(0);
+                    format!(
+                        ", batchctl peak RSS {:.1} MiB (largest of the runs)",
+                        mib(peak)
+                    )
+                } else {
+                    String::new()
+                }
+            ),
         );
     }
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -628,14 +544,12 @@ fn run_script(url: &str, dir: &Path, script: &str, out: &str) -> (Duration, u64)
             break status;
         }
         // The shell may exec batchctl itself, or run it as its child.
-        for pid in [Some(child.id()), first_child(child.id())]
-            .into_iter()
-            .flatten()
-        {
+        let shell = child.id() as i32;
+        for pid in [Some(shell), first_child(shell)].into_iter().flatten() {
             let is_ctl = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "batchctl");
             if is_ctl {
-                if let Some(hwm) = proc_status(pid).and_then(|s| field_kib(&s, "VmHWM:")) {
+                if let Some(hwm) = procfs::status(pid).and_then(|s| status_value(&s, "VmHWM")) {
                     peak = peak.max(hwm);
                 }
             }

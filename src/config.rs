@@ -20,6 +20,17 @@ pub const ENV_PREFIX: &str = "BATCHD_";
 /// `max_job_timeout`, their `kill_grace` by [`crate::handlers::exec::MAX_KILL_GRACE`].)
 pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 
+/// Default port of the gRPC listener: gRPC's customary one.
+pub const DEFAULT_GRPC_PORT: u16 = 50051;
+
+/// Default port of the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`): next to the gRPC
+/// port, and outside 9090-9999, the range Prometheus gave out (9090 is Prometheus itself) and has
+/// no free port left in, and outside other well-known ports.
+pub const DEFAULT_ADMIN_PORT: u16 = 50052;
+
+/// Shortest `stall_timeout`: the health probe takes a turn every quarter of it, at most every 10 ms.
+pub const MIN_STALL_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// Most `workers`, `session_window`, `max_calls` and `max_jobs_per_batch`: 2^20.
 ///
 /// Far beyond what one process runs or buffers at once, and it keeps the engine's arithmetic exact:
@@ -79,6 +90,11 @@ pub struct Config {
     /// How long shutdown lets running jobs finish before it cancels them.
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
+    /// How long the engine may go without progress (a worker slot granted and not taken, the
+    /// health probe not run) before it counts as wedged: `/healthz` fails, systemd's watchdog
+    /// pings stop.
+    #[serde(with = "units::duration")]
+    pub stall_timeout: Duration,
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax, e.g. `info` or `batchd=debug,info`.
@@ -124,7 +140,7 @@ pub struct Flags {
     /// Log format [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz) [default: 127.0.0.1:9090]
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz) [default: 127.0.0.1:50052]
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
     /// Any other config field, e.g. --set session_window=4096 (repeatable)
@@ -167,7 +183,7 @@ pub enum ConfigError {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             workers: 256,
             cpu_workers: 0,
             session_window: 1024,
@@ -185,9 +201,10 @@ impl Default for Config {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
             log: "info".into(),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)),
             otlp_endpoint: String::new(),
             otlp_metrics: false,
             trace_flush_timeout: Duration::from_secs(5),
@@ -330,6 +347,7 @@ impl Config {
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
             ("shutdown_grace", self.shutdown_grace),
+            ("stall_timeout", self.stall_timeout),
             ("trace_flush_timeout", self.trace_flush_timeout),
         ] {
             if d > MAX_DURATION {
@@ -363,6 +381,9 @@ impl Config {
                 "keepalive_timeout",
                 "must be positive while keepalive is on",
             );
+        }
+        if self.stall_timeout < MIN_STALL_TIMEOUT {
+            return invalid("stall_timeout", "must be at least 100ms");
         }
         if self.trace_flush_timeout.is_zero() {
             return invalid("trace_flush_timeout", "must be positive");

@@ -5,6 +5,7 @@
 //! [`ResultStream`]. Dropping that stream (the client went away) cancels the call's token, which ends
 //! the session task and with it every job future, timer and buffer of the call.
 
+pub mod health;
 mod job;
 pub mod metrics;
 mod outbox;
@@ -58,6 +59,8 @@ pub struct Limits {
     pub default_job_timeout: Duration,
     /// Longest timeout a job may ask for.
     pub max_job_timeout: Duration,
+    /// How long progress may be missing before the engine counts as wedged ([`Engine::health`]).
+    pub stall_timeout: Duration,
 }
 
 /// Runs the jobs of every call; cheap to clone.
@@ -83,6 +86,8 @@ struct Inner {
     /// Handlers by name with their row in the metrics.
     handlers: HandlerRows,
     metrics: Metrics,
+    /// The health probe's last turn.
+    heartbeat: health::Heartbeat,
 }
 
 /// Handlers by name, each with its row in the metrics.
@@ -147,6 +152,7 @@ impl From<&Config> for Limits {
             max_output: c.max_output.as_usize(),
             default_job_timeout: c.default_job_timeout,
             max_job_timeout: c.max_job_timeout,
+            stall_timeout: c.stall_timeout,
         }
     }
 }
@@ -167,6 +173,7 @@ impl Engine {
         Self {
             inner: Arc::new(Inner {
                 scheduler: Scheduler::new(limits.workers),
+                heartbeat: health::Heartbeat::new(limits.stall_timeout),
                 cpu: CpuPool::new(limits.cpu_workers),
                 calls: Arc::new(Semaphore::new(limits.max_calls)),
                 limits,

@@ -1,4 +1,6 @@
 //! Runs the daemon: the gRPC server with its limits, health, reflection and shutdown with a deadline.
+//!
+//! [`systemd`]: socket activation and the sd_notify protocol, for the daemon under systemd.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,8 +19,12 @@ use crate::proto::{batch_service_server::BatchServiceServer, FILE_DESCRIPTOR_SET
 use crate::service::Service;
 use crate::telemetry::admin;
 
+pub mod systemd;
+
+use systemd::{Notifier, Systemd};
+
 /// How long, after the grace period, calls get to deliver their last results and close.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A flow-control window as h2 takes it (validated to fit in 31 bits).
 fn window(size: crate::config::ByteSize) -> u32 {
@@ -31,6 +37,7 @@ pub struct Server {
     config: Config,
     engine: Engine,
     admin: Option<TcpListener>,
+    systemd: Option<Systemd>,
 }
 
 impl Server {
@@ -41,7 +48,15 @@ impl Server {
             config,
             engine,
             admin: None,
+            systemd: None,
         }
+    }
+
+    /// Keeps `systemd` informed over sd_notify: ready, status, watchdog pings while the engine is
+    /// healthy, stopping (see [`systemd`]).
+    pub fn with_systemd(mut self, systemd: Systemd) -> Self {
+        self.systemd = Some(systemd);
+        self
     }
 
     /// Also serves the admin endpoints (`/metrics`, `/healthz`, `/readyz`) on `listener`, for as
@@ -69,7 +84,11 @@ impl Server {
             config,
             engine,
             admin,
+            systemd,
         } = self;
+        // Owned here like the admin task: the engine's health probe, read by /healthz and the
+        // systemd watchdog.
+        let _probe = AbortOnDropHandle::new(tokio::spawn(engine.clone().probe()));
         let admin_stop = CancellationToken::new();
         // Owned here: stopped and awaited when serving ends, aborted if this future is dropped.
         let admin_task = admin.map(|listener| {
@@ -79,7 +98,7 @@ impl Server {
             let stop = admin_stop.clone().cancelled_owned();
             AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, engine.clone(), stop)))
         });
-        let res = serve_grpc(config, engine, listener, shutdown).await;
+        let res = serve_grpc(config, engine, listener, shutdown, systemd).await;
         admin_stop.cancel();
         if let Some(task) = admin_task {
             if let Err(e) = task.await {
@@ -90,19 +109,33 @@ impl Server {
     }
 }
 
+/// Waits until the engine's health probe has taken its first turn: the engine runs.
+async fn engine_runs(engine: &Engine) {
+    while !engine.probed() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn serve_grpc(
     config: Config,
     engine: Engine,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    mut systemd: Option<Systemd>,
 ) -> Result<(), Error> {
     {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<BatchServiceServer<Service>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // v1 and v1alpha (grpcurl ≤ 1.8, grpc_cli, Postman and older Evans ask v1alpha only), with
+        // the health service's descriptors, so `grpc.health.v1.Health/Check` resolves too.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
         let max_message = config.max_message_size.as_usize();
         let service = BatchServiceServer::new(Service::new(engine.clone()))
             .max_decoding_message_size(max_message)
@@ -125,14 +158,24 @@ async fn serve_grpc(
             .initial_stream_window_size(window(config.http2_stream_window))
             .initial_connection_window_size(window(config.http2_connection_window))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
-        tokio::pin!(serve);
+        tokio::pin!(serve, shutdown);
 
-        tokio::select! {
-            res = &mut serve => return res.map_err(Error::from),
-            () = shutdown => {}
+        // Dropped when this function returns: the notifier thread stops with the server.
+        let mut notifier: Option<Notifier> = None;
+        loop {
+            tokio::select! {
+                // Biased: the transport is polled (accepting) before systemd hears it is ready.
+                biased;
+                res = &mut serve => return res.map_err(Error::from),
+                () = &mut shutdown => break,
+                () = engine_runs(&engine), if systemd.is_some() => {
+                    notifier = systemd.take().map(|sd| sd.ready(engine.clone()));
+                }
+            }
         }
 
         let stats = engine.stats();
@@ -143,6 +186,9 @@ async fn serve_grpc(
             grace = %humantime::format_duration(config.shutdown_grace),
             "shutting down"
         );
+        if let Some(notifier) = &notifier {
+            notifier.draining();
+        }
         health
             .set_not_serving::<BatchServiceServer<Service>>()
             .await;

@@ -1,7 +1,8 @@
+//! The real `batchd` binary as a process: configuration errors and their exit code, the config file
+//! named by `BATCHD_CONFIG`, serving on a real port, SIGTERM/SIGINT shutdown with its grace period
+//! (the spans it flushes, the exec process groups it waits for, a second signal while it does), and
+//! JSON logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! The real `batchd` binary as a process: configuration errors and their exit code, serving on a
-//! real port, SIGTERM/SIGINT shutdown with its grace period (and the spans it flushes), a second
-//! signal while exec process groups are being waited for, and JSON logs.
 mod support;
 
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use batchd::proto::Outcome;
 use support::daemon::{write_config, Daemon};
 use support::otlp::{attr, fresh_trace, hex, named, open_traced, Collector, CALLER_SPAN};
-use support::{batch, by_id, job, outcome, run_batch_on, wait_until, OpenCall};
+use support::{batch, by_id, job, outcome, run_batch_on, wait_until, within, OpenCall};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -139,6 +140,68 @@ async fn an_unknown_field_in_the_config_file_exits_64_naming_it() {
     assert!(stderr.contains("wrokers"), "stderr: {stderr}");
 }
 
+// === the config file ===
+
+/// The handler names a daemon lists.
+async fn handler_names(daemon: &Daemon) -> Vec<String> {
+    daemon
+        .client()
+        .await
+        .list_handlers(batchd::proto::ListHandlersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .handlers
+        .into_iter()
+        .map(|h| h.name)
+        .collect()
+}
+
+/// A config file in `dir` adding an exec handler named `name` (`cat`).
+fn config_with_handler(dir: &tempfile::TempDir, name: &str) -> String {
+    let text = format!("[[exec]]\nname = \"{name}\"\ncommand = [\"cat\"]\n");
+    write_config(dir, &text).to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batchd_config_names_the_config_file_and_config_wins_over_it() {
+    let (env_dir, flag_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let env_file = config_with_handler(&env_dir, "from_env_file");
+    let flag_file = config_with_handler(&flag_dir, "from_flag_file");
+    let env = [("BATCHD_CONFIG", env_file.as_str())];
+
+    // Without --config, the file BATCHD_CONFIG names is the config: its handler is served.
+    let mut daemon = Daemon::serving_with(&[], &env).await;
+    let names = handler_names(&daemon).await;
+    assert!(names.iter().any(|n| n == "from_env_file"), "{names:?}");
+    let mut client = daemon.client().await;
+    let jobs = vec![job("c", "from_env_file", b"via BATCHD_CONFIG", &[])];
+    let results = run_batch_on(&mut client, jobs, LIVENESS).await;
+    assert_eq!(outcome(&results["c"]), Outcome::Ok, "{:?}", results["c"]);
+    assert_eq!(&results["c"].output[..], b"via BATCHD_CONFIG");
+    drop(client);
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit().await.code(), Some(0), "{}", daemon.stderr());
+
+    // A flag beats the environment: --config replaces the file, not merges with it.
+    let mut daemon = Daemon::serving_with(&["--config", &flag_file], &env).await;
+    let names = handler_names(&daemon).await;
+    assert!(names.iter().any(|n| n == "from_flag_file"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "from_env_file"), "{names:?}");
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit().await.code(), Some(0), "{}", daemon.stderr());
+}
+
+#[tokio::test]
+async fn a_bad_file_named_by_batchd_config_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, "workers = 4\nwrokers = 8\n");
+    let env = [("BATCHD_CONFIG", path.to_str().unwrap())];
+    let (code, stderr) = run_to_exit(&["--listen", "127.0.0.1:0"], &env).await;
+    assert_eq!(code, Some(EXIT_CONFIG), "stderr: {stderr}");
+    assert!(stderr.contains("wrokers"), "stderr: {stderr}");
+}
+
 // === serving and signals ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,15 +245,31 @@ async fn serves_jobs_then_exits_0_on_sigterm() {
     );
 }
 
+/// A collector that accepts connections and never answers: an export to it hangs until the
+/// exporter's own timeout. Holds its connections until the runtime goes.
+async fn black_hole() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on() {
-    // Nothing listens on port 9 here: exports fail, and the flush at exit must stay bounded.
+    // The collector never answers: the spans' final flush at exit can only end at its timeout,
+    // `trace_flush_timeout`, set here to 1 s (the default is 5 s).
+    let collector = format!("otlp_endpoint=http://{}", black_hole().await);
     let (mut daemon, admin) = serving_with_admin(
         Daemon::serving(&[
             "--admin-listen",
             "127.0.0.1:0",
             "--set",
-            "otlp_endpoint=http://127.0.0.1:9",
+            &collector,
             "--set",
             "trace_flush_timeout=1s",
         ])
@@ -212,13 +291,16 @@ async fn serves_metrics_on_the_admin_listener_and_exits_promptly_with_tracing_on
     let started = std::time::Instant::now();
     daemon.signal("TERM");
     let status = daemon.exit().await;
+    let took = started.elapsed();
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
-    // Bounded, not hung (`exit` also gives up after its own liveness deadline); generous for a
-    // loaded machine.
+    // With no call open, exit takes the 1 s flush and little else. The bound leaves 3 s for a busy
+    // machine and stays under the default flush timeout (5 s), so a daemon that ignored the setting
+    // (or waited on the export without a bound) fails here.
+    eprintln!("exit {took:?} after SIGTERM (trace_flush_timeout 1 s, collector silent)");
     assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "{:?}",
-        started.elapsed()
+        took < Duration::from_secs(4),
+        "exit took {took:?} with trace_flush_timeout=1s; stderr:\n{}",
+        daemon.stderr()
     );
 }
 
@@ -374,6 +456,73 @@ async fn a_second_signal_while_process_groups_are_waited_for_kills_them_and_exit
     })
     .await;
     drop(call);
+}
+
+/// At shutdown the daemon waits for the process groups of the exec jobs it stopped, so that none
+/// outlives it, and for at most the longest `kill_grace` + 1 s: a group that ignores SIGTERM is
+/// SIGKILLed after its kill_grace and the daemon exits 0 right after, not after some longer wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_exec_groups_for_at_most_kill_grace_and_a_second() {
+    const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
+    const KILL_GRACE: Duration = Duration::from_secs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let mark = format!("kill-grace-cap-{}", std::process::id());
+    // The command and its child ignore SIGTERM; the child is out of reach of the parent-death
+    // signal: only the group's SIGKILL after kill_grace stops it.
+    let config = format!(
+        "shutdown_grace = \"100ms\"\n\n[[exec]]\nname = \"stubborn\"\n\
+         command = [\"sh\", \"-c\", \"trap '' TERM; sleep 600 & wait; wait\"]\n\
+         kill_grace = \"1s\"\nenv = {{ BATCHD_TEST_MARK = \"{mark}\" }}\n"
+    );
+    let path = write_config(&dir, &config);
+    let mut daemon = Daemon::serving(&["--config", path.to_str().unwrap()]).await;
+    let mut call = OpenCall::open_at(daemon.url.clone()).await;
+    call.send(batch("b", vec![job("s", "stubborn", b"", &[])]))
+        .await;
+    wait_until("the command and its child run", LIVENESS, || {
+        marked_running(&mark).len() == 2
+    })
+    .await;
+    // The client reads its call to the end and goes, so that no open connection holds up the exit.
+    let reader = tokio::spawn(async move {
+        let (_, status) = call.finish().await;
+        status
+    });
+
+    let started = std::time::Instant::now();
+    daemon.signal("TERM");
+    let exit = daemon.exit().await;
+    let took = started.elapsed();
+    let stderr = daemon.stderr();
+    assert_eq!(exit.code(), Some(0), "stderr:\n{stderr}");
+    eprintln!("exit {took:?} after SIGTERM (shutdown_grace 100ms, kill_grace 1s)");
+    assert!(
+        stderr.contains("waiting for the process groups"),
+        "stderr:\n{stderr}"
+    );
+    // The group cannot be gone before its SIGKILL, sent kill_grace after the job was stopped at the
+    // end of the grace period: a slow machine only makes this longer.
+    assert!(
+        took >= SHUTDOWN_GRACE + KILL_GRACE,
+        "batchd exited {took:?} after SIGTERM, before the group's SIGKILL was due"
+    );
+    // What the cap allows (the grace period, kill_grace + 1 s), and 3 s for a busy machine: far
+    // under the default shutdown_grace (30 s) and the harness's own deadline.
+    let bound = SHUTDOWN_GRACE + KILL_GRACE + Duration::from_secs(1) + Duration::from_secs(3);
+    assert!(
+        took < bound,
+        "batchd exited {took:?} after SIGTERM, over {bound:?}; stderr:\n{stderr}"
+    );
+    // SIGKILLed with its group: nothing of it runs (a zombie that PID 1 does not reap is gone).
+    wait_until("nothing of the process group runs", LIVENESS, || {
+        marked_running(&mark).is_empty()
+    })
+    .await;
+    let status = within(LIVENESS, "the client's call ends", reader)
+        .await
+        .unwrap();
+    let status = status.expect_err("a call cut by shutdown ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

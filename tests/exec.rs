@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Exec handlers with real processes: process trees gone when their call goes away, timeouts, large
 //! payloads, output caps, exit status and stderr, params that never reach a shell, SIGKILL after
 //! kill_grace, a `kill -9`ed daemon, shutdown, config errors and spawn failures.
@@ -8,6 +7,7 @@
 //! processes runs any more. This sandbox's PID 1 does not reap orphans, so grandchildren whose
 //! parent died stay zombies here: zombies count as gone, except the direct child, which batchd
 //! itself must reap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
 
 use std::collections::BTreeSet;

@@ -15,8 +15,12 @@ use batchd::config::Config;
 use batchd::telemetry::Telemetry;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use support::otlp::{attr, fresh_trace, hex, named, open_traced, Collector, Exported, CALLER_SPAN};
-use support::{batch, http_get, job, wait_until, OpenCall, TestServer};
+use support::otlp::{
+    attr, fresh_trace, hex, named, open_traced, open_unsampled, Collector, Exported, CALLER_SPAN,
+};
+use support::recovery::LIVENESS;
+use support::scrape::sample;
+use support::{batch, http_get, job, wait_until, within, OpenCall, TestServer};
 use tokio_util::task::AbortOnDropHandle;
 
 /// How long spans and metrics may take to reach the collector while the exporters are flushed.
@@ -108,6 +112,14 @@ fn last_sum(exports: &[ExportMetricsServiceRequest], name: &str) -> i64 {
     -1
 }
 
+/// Shuts `server` down and waits for `serve` to return, failing instead of hanging on a regression.
+async fn stop(server: TestServer) {
+    server.begin_shutdown();
+    within(LIVENESS, "serve returns", server.join())
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_join_the_callers_trace_and_show_outcomes() {
     shared();
@@ -125,7 +137,7 @@ async fn spans_join_the_callers_trace_and_show_outcomes() {
     ))
     .await;
     call.half_close();
-    let (results, status) = call.finish().await;
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
     status.unwrap();
     assert_eq!(results.len(), 3);
 
@@ -201,21 +213,7 @@ async fn spans_join_the_callers_trace_and_show_outcomes() {
             Some("disconnect")
         );
     }
-    server.stop().unwrap();
-}
-
-/// One sample of `name` with exactly these labels (`""` for none) from a scrape.
-fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
-    let key = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with(&key))
-        .unwrap_or_else(|| panic!("no {key:?} in\n{metrics}"));
-    line[key.len()..].trim().parse().unwrap()
+    stop(server).await;
 }
 
 /// Calls whose jobs were stopped for `reason`, from the cancellation-latency histogram.
@@ -260,7 +258,7 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
     jobs.push(slow);
     call.send(batch("b", jobs)).await;
     call.half_close();
-    let (results, status) = call.finish().await;
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
     status.unwrap();
     assert_eq!(results.len(), 26);
 
@@ -401,9 +399,11 @@ async fn metrics_add_up_and_gauges_return_to_zero() {
     })
     .await;
     assert_eq!(http_get(admin, "/healthz").0, 200);
-    let (_, status) = call.finish().await;
+    let (_, status) = within(LIVENESS, "the call ends", call.finish()).await;
     status.unwrap();
-    server.join().await.unwrap();
+    within(LIVENESS, "serve returns", server.join())
+        .await
+        .unwrap();
     assert!(
         std::net::TcpStream::connect(admin).is_err(),
         "the admin listener stops with the daemon"
@@ -450,7 +450,7 @@ async fn exec_job_spans_carry_the_command_pid_and_exit_status() {
     ))
     .await;
     call.half_close();
-    let (results, status) = call.finish().await;
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
     status.unwrap();
     let results = support::by_id(results);
     assert_eq!(support::outcome(&results["pid"]), Outcome::Ok);
@@ -506,7 +506,7 @@ async fn exec_job_spans_carry_the_command_pid_and_exit_status() {
     assert_eq!(attr(session, "session.failed").as_deref(), Some("1"));
     drop(call);
     drop(client);
-    server.stop().unwrap();
+    stop(server).await;
     wait_until("no exec group is left", Duration::from_secs(5), || {
         exec::groups_alive() == 0
     })
@@ -532,7 +532,7 @@ async fn a_call_past_its_deadline_ends_its_session_span_deadline() {
         server.stats().jobs_running == 1
     })
     .await;
-    let (results, status) = call.finish().await;
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
     let status = status.expect_err("the call ends at its deadline");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(results.is_empty(), "{results:?}");
@@ -561,7 +561,7 @@ async fn a_call_past_its_deadline_ends_its_session_span_deadline() {
     assert_eq!(cancels(&m, "disconnect"), 0.0);
     drop(call);
     drop(client);
-    server.stop().unwrap();
+    stop(server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +581,7 @@ async fn shutdown_past_the_grace_period_ends_the_session_span_shutdown() {
     })
     .await;
     server.begin_shutdown();
-    let (results, status) = call.finish().await;
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
     let status = status.expect_err("a call open at shutdown ends with a status");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(results.len(), 1, "{results:?}");
@@ -592,7 +592,9 @@ async fn shutdown_past_the_grace_period_ends_the_session_span_shutdown() {
     drop(call);
     drop(client);
     let engine = server.engine.clone();
-    server.join().await.unwrap();
+    within(LIVENESS, "serve returns", server.join())
+        .await
+        .unwrap();
     let m = batchd::telemetry::prometheus::render(&engine);
     assert_eq!(cancels(&m, "shutdown"), 1.0, "its cancellation latency");
 
@@ -608,4 +610,60 @@ async fn shutdown_past_the_grace_period_ends_the_session_span_shutdown() {
     assert_eq!(attr(span, "job.outcome").as_deref(), Some("cancelled"));
     assert_eq!(attr(span, "job.cancelled_by").as_deref(), Some("shutdown"));
     assert!(attr(span, "job.error").unwrap().contains("shut down"));
+}
+
+/// Sampling is decided once per call: a call whose caller's span is not sampled (flags `00`) gets no
+/// span at all, none of its jobs in particular, while a sampled call's spans arrive as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_call_creates_no_job_spans() {
+    shared();
+    let server = TestServer::start(|_| {});
+    let mut client = server.client().await;
+    let jobs = || {
+        vec![
+            job("a", "echo", b"1", &[]),
+            job("s", "sleep", b"", &[("ms", "1")]),
+            job("r", "no-such-handler", b"", &[]),
+        ]
+    };
+
+    let unsampled = fresh_trace();
+    let mut call = open_unsampled(&mut client, &unsampled, |_| {}).await;
+    call.send(batch("b", jobs())).await;
+    call.half_close();
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
+    status.unwrap();
+    assert_eq!(results.len(), 3, "the call itself is served as usual");
+    // Its session is over, so any span it made has ended, ahead of the sampled call's.
+    wait_until("the unsampled call is over", DELIVERY, || server.is_idle()).await;
+
+    let sampled = fresh_trace();
+    let mut call = open_traced(&mut client, &sampled, |_| {}).await;
+    call.send(batch("b", jobs())).await;
+    call.half_close();
+    let (results, status) = within(LIVENESS, "the call ends", call.finish()).await;
+    status.unwrap();
+    assert_eq!(results.len(), 3);
+
+    // Spans are exported in the order they end: once the sampled call's are in, any span of the
+    // earlier, unsampled call would be too.
+    let spans = spans_until("the sampled call", |s| {
+        !named(s, &sampled, "batchd.session").is_empty()
+            && named(s, &sampled, "batchd.job").len() == 3
+    })
+    .await;
+    assert_eq!(named(&spans, &sampled, "batchd.batch").len(), 1);
+    assert!(
+        named(&spans, &unsampled, "batchd.job").is_empty(),
+        "job spans of an unsampled call"
+    );
+    let any: Vec<&str> = spans
+        .iter()
+        .filter(|e| hex(&e.span.trace_id) == unsampled)
+        .map(|e| e.span.name.as_str())
+        .collect();
+    assert!(any.is_empty(), "spans of an unsampled call: {any:?}");
+    drop(call);
+    drop(client);
+    stop(server).await;
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use batchd::config::{Config, ConfigError, Flags};
 use batchd::handlers::exec::{self, Reaper};
+use batchd::server::systemd::{self, Systemd};
 use batchd::{Registry, Server};
 use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -62,6 +63,8 @@ async fn run(config: Config, registry: Registry, reaper: Reaper) -> anyhow::Resu
     let mut signals = Signals::install()?;
     // On the runtime: the OTLP exporter's channel lives there.
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
+    // Subreaper, clean-up after a crashed instance, isolation logged: before serving.
+    exec::start_up(&reaper);
     let res = serve(config, registry, &reaper, &telemetry, &mut signals).await;
     let finish = async {
         // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
@@ -95,13 +98,34 @@ async fn serve(
     telemetry: &batchd::telemetry::Telemetry,
     signals: &mut Signals,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let admin = tokio::net::TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
-    let server = Server::new(config, registry).with_admin(admin);
+    // Socket activation: systemd's sockets, bound before the daemon starts, replace `listen` and
+    // `admin_listen`; whatever it did not pass is bound here.
+    let activated = systemd::activated_sockets().context("taking the sockets systemd passed")?;
+    let listener = match activated.grpc {
+        Some(l) => {
+            tracing::info!(addr = ?l.local_addr().ok(), "socket activation: serving gRPC on the socket systemd passed");
+            tokio::net::TcpListener::from_std(l).context("the gRPC socket systemd passed")?
+        }
+        None => tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?,
+    };
+    let admin = match activated.admin {
+        Some(l) => {
+            tokio::net::TcpListener::from_std(l).context("the admin socket systemd passed")?
+        }
+        None => tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", config.admin_listen))?,
+    };
+    let mut server = Server::new(config, registry).with_admin(admin);
+    if let Some(systemd) = Systemd::from_env() {
+        tracing::info!(
+            watchdog = ?systemd.watchdog(),
+            "under systemd: sd_notify on (ready, status, watchdog while the engine is healthy)"
+        );
+        server = server.with_systemd(systemd);
+    }
     telemetry.push_metrics(server.engine());
     let stop = tokio_util::sync::CancellationToken::new();
     let serve = server.serve(listener, stop.clone().cancelled_owned());

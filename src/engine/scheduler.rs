@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// Shared state of the worker pool.
 #[derive(Debug)]
@@ -33,8 +34,24 @@ struct LaneState {
     wants: usize,
     /// Slots granted and not taken by the lane's owner yet.
     granted: usize,
+    /// Since when `granted` has been above zero: a healthy owner takes its grants at once.
+    granted_at: Option<Instant>,
     in_ring: bool,
     waker: Option<Waker>,
+}
+
+/// How the pool fails to make progress, as [`Scheduler::stall`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PoolStall {
+    /// A lane has left a granted slot untaken this long: its owner is not being polled.
+    GrantUntaken(Duration),
+    /// Slots are free while lanes wait for one: a grant was lost.
+    IdleSlots {
+        /// Free slots.
+        free: usize,
+        /// Slots lanes wait for.
+        wanted: usize,
+    },
 }
 
 /// One call's claim on the worker pool; dropping it gives every slot back.
@@ -80,6 +97,29 @@ impl Scheduler {
         self.lock().free
     }
 
+    /// Whether the pool is stuck at `now`: a grant left untaken for longer than `after`, or free
+    /// slots while lanes wait. A busy pool (every slot taken, lanes waiting) is not stuck.
+    pub(crate) fn stall(&self, now: Instant, after: Duration) -> Option<PoolStall> {
+        let state = self.lock();
+        let mut oldest: Option<Instant> = None;
+        let mut wanted = 0usize;
+        for lane in state.lanes.values() {
+            wanted = wanted.saturating_add(lane.wants);
+            if let Some(at) = lane.granted_at {
+                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+            }
+        }
+        if let Some(age) = oldest.map(|at| now.saturating_duration_since(at)) {
+            if age > after {
+                return Some(PoolStall::GrantUntaken(age));
+            }
+        }
+        (state.free > 0 && wanted > 0).then_some(PoolStall::IdleSlots {
+            free: state.free,
+            wanted,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is consistent between statements, so a panic elsewhere cannot corrupt it.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -120,6 +160,7 @@ impl State {
             }
             lane.wants -= 1;
             lane.granted += 1;
+            lane.granted_at.get_or_insert_with(Instant::now);
             n -= 1;
             if let Some(w) = lane.waker.take() {
                 wake.push(w);
@@ -147,6 +188,9 @@ impl Lane {
         state.free -= now;
         if let Some(lane) = state.lanes.get_mut(&self.id) {
             lane.granted += now;
+            if now > 0 {
+                lane.granted_at.get_or_insert_with(Instant::now);
+            }
             lane.wants += n - now;
             if lane.wants > 0 && !lane.in_ring {
                 lane.in_ring = true;
@@ -171,6 +215,7 @@ impl Lane {
         };
         if lane.granted > 0 {
             let n = std::mem::take(&mut lane.granted);
+            lane.granted_at = None;
             self.held += n;
             return Poll::Ready(n);
         }
@@ -185,10 +230,10 @@ impl Lane {
     #[cfg(test)]
     pub(crate) fn take(&mut self) -> usize {
         let mut state = self.scheduler.lock();
-        let n = state
-            .lanes
-            .get_mut(&self.id)
-            .map_or(0, |lane| std::mem::take(&mut lane.granted));
+        let n = state.lanes.get_mut(&self.id).map_or(0, |lane| {
+            lane.granted_at = None;
+            std::mem::take(&mut lane.granted)
+        });
         self.held += n;
         n
     }
@@ -212,6 +257,7 @@ impl Lane {
             let mut state = self.scheduler.lock();
             let granted = state.lanes.get_mut(&self.id).map_or(0, |l| {
                 l.wants = 0;
+                l.granted_at = None;
                 std::mem::take(&mut l.granted)
             });
             state.give(std::mem::take(&mut self.held) + granted, &mut wake);
@@ -319,6 +365,46 @@ mod tests {
         assert_eq!(s.free(), 1, "b's untaken grant came back");
         drop(a);
         assert_eq!(s.free(), 3);
+    }
+
+    #[test]
+    fn a_grant_left_untaken_is_a_stall_and_a_busy_pool_is_not() {
+        let s = Scheduler::new(1);
+        let after = Duration::from_secs(5);
+        let mut busy = s.lane();
+        let mut waiting = s.lane();
+        busy.want(1);
+        assert_eq!(busy.take(), 1);
+        waiting.want(1);
+        let t0 = Instant::now();
+        assert_eq!(
+            s.stall(t0 + 2 * after, after),
+            None,
+            "every slot taken, one lane waits"
+        );
+        busy.release(1);
+        let granted = Instant::now();
+        assert_eq!(s.stall(granted, after), None, "just granted");
+        assert!(matches!(
+            s.stall(granted + 2 * after, after),
+            Some(PoolStall::GrantUntaken(age)) if age > after
+        ));
+        assert_eq!(waiting.take(), 1);
+        assert_eq!(s.stall(granted + 2 * after, after), None, "taken");
+    }
+
+    #[test]
+    fn free_slots_while_a_lane_waits_are_a_stall() {
+        let s = Scheduler::new(1);
+        let mut a = s.lane();
+        a.want(2);
+        assert_eq!(s.stall(Instant::now(), Duration::from_secs(5)), None);
+        // A slot given back behind the scheduler's back (a bug such a check exists for).
+        s.lock().free += 1;
+        assert_eq!(
+            s.stall(Instant::now(), Duration::from_secs(5)),
+            Some(PoolStall::IdleSlots { free: 1, wanted: 1 })
+        );
     }
 
     #[test]

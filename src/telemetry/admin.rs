@@ -1,4 +1,5 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` and `/readyz`.
+//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the engine is not
+//! wedged) and `/readyz` (not draining).
 //!
 //! A small HTTP/1 server on hyper, run inside the daemon's serve future: it stops with the daemon
 //! and owns every connection task it spawns.
@@ -91,7 +92,15 @@ fn respond(req: &Request<Incoming>, engine: &Engine) -> Response<Full<Bytes>> {
             }
             res
         }
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/healthz" => match engine.health() {
+            Ok(()) => text(StatusCode::OK, "ok\n"),
+            // Liveness: a wedged engine is worth a restart, a busy one is not.
+            Err(stall) => {
+                let mut res = Response::new(Full::new(Bytes::from(format!("stalled: {stall}\n"))));
+                *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                res
+            }
+        },
         "/readyz" if engine.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         _ => text(

@@ -1,7 +1,7 @@
 //! The OTLP push of the engine's counters and gauges (with `otlp_metrics`), read from the same
 //! family table as `/metrics`. Histograms stay on `/metrics`: the SDK has no observable histogram.
 
-use opentelemetry::metrics::{AsyncInstrument, Meter, MeterProvider as _};
+use opentelemetry::metrics::{AsyncInstrument, MeterProvider as _};
 use opentelemetry::KeyValue;
 
 use super::Telemetry;
@@ -22,31 +22,26 @@ impl Telemetry {
         };
         let meter = meters.meter("batchd");
         for family in families() {
+            let observe = observer(family, engine);
             match family.kind {
-                Kind::Counter => observe_counter(&meter, family, engine),
-                Kind::Gauge => observe_gauge(&meter, family, engine),
+                Kind::Counter => drop(
+                    meter
+                        .u64_observable_counter(name(family))
+                        .with_description(family.help)
+                        .with_callback(observe)
+                        .build(),
+                ),
+                Kind::Gauge => drop(
+                    meter
+                        .u64_observable_gauge(name(family))
+                        .with_description(family.help)
+                        .with_callback(observe)
+                        .build(),
+                ),
                 Kind::Histogram => {}
             }
         }
     }
-}
-
-fn observe_counter(meter: &Meter, family: &'static Family, engine: &Engine) {
-    let observe = observer(family, engine);
-    meter
-        .u64_observable_counter(name(family))
-        .with_description(family.help)
-        .with_callback(move |o| observe(o))
-        .build();
-}
-
-fn observe_gauge(meter: &Meter, family: &'static Family, engine: &Engine) {
-    let observe = observer(family, engine);
-    meter
-        .u64_observable_gauge(name(family))
-        .with_description(family.help)
-        .with_callback(move |o| observe(o))
-        .build();
 }
 
 /// A callback that reads `family`'s samples into an instrument, on the daemon's runtime (the SDK

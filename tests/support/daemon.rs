@@ -32,7 +32,25 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `batchd args…` with `env` and no other `BATCHD_*` variable.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchd"));
+        Self::spawn_command(Command::new(env!("CARGO_BIN_EXE_batchd")), args, env)
+    }
+
+    /// Like [`Daemon::spawn`], with the daemon started in the cgroup v2 directory `cgroup` (a
+    /// shell moves itself there, then execs batchd: the daemon's pid is the shell's).
+    pub fn spawn_in_cgroup(cgroup: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+            .arg(cgroup)
+            .arg(env!("CARGO_BIN_EXE_batchd"));
+        Self::spawn_command(cmd, args, env)
+    }
+
+    /// Starts `program args…` that runs batchd (a wrapper such as `setpriv`), as [`Daemon::spawn`].
+    pub fn spawn_program(program: &str, args: &[&str]) -> Self {
+        Self::spawn_command(Command::new(program), args, &[])
+    }
+
+    fn spawn_command(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Self {
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("BATCHD_") {
                 cmd.env_remove(key);
@@ -73,7 +91,18 @@ impl Daemon {
     pub async fn serving_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut all = vec!["--listen", "127.0.0.1:0"];
         all.extend_from_slice(args);
-        let mut daemon = Self::spawn(&all, env);
+        Self::wait_serving(Self::spawn(&all, env)).await
+    }
+
+    /// [`Daemon::serving`] in the cgroup v2 directory `cgroup` ([`Daemon::spawn_in_cgroup`]).
+    pub async fn serving_in_cgroup(cgroup: &std::path::Path, args: &[&str]) -> Self {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Self::wait_serving(Self::spawn_in_cgroup(cgroup, &all, &[])).await
+    }
+
+    /// Waits until `daemon` logs that it serves; sets its `url`.
+    async fn wait_serving(mut daemon: Self) -> Self {
         let stderr = Arc::clone(&daemon.stderr);
         let child = &mut daemon.child;
         // The whole "serving" line, with the address the kernel chose.

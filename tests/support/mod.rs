@@ -1,9 +1,15 @@
 //! Starts a real batchd server on 127.0.0.1:0 in its own runtime and connects real tonic clients.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod batchctl;
 pub mod daemon;
+pub mod jobs;
 pub mod map;
 pub mod otlp;
+pub mod procs;
+pub mod proxy;
+pub mod recovery;
+pub mod scrape;
 
 use std::collections::HashMap;
 use std::future::Future;

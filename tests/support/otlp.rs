@@ -137,6 +137,22 @@ pub async fn open_traced(
     .await
 }
 
+/// Like [`open_traced`], but the caller's span is not sampled (trace flags `00`): a parent-based
+/// sampler does not sample the call either.
+pub async fn open_unsampled(
+    client: &mut BatchServiceClient<Channel>,
+    trace: &str,
+    edit: impl FnOnce(&mut tonic::Request<ReceiverStream<proto::ProcessRequest>>),
+) -> OpenCall {
+    let traceparent = format!("00-{trace}-{CALLER_SPAN}-00");
+    OpenCall::open_request(client, |r| {
+        r.metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        edit(r);
+    })
+    .await
+}
+
 /// A trace id no other test of this process uses (32 hex digits, never all zeros).
 pub fn fresh_trace() -> String {
     use std::hash::{BuildHasher, Hasher};

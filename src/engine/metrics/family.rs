@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::{EndReason, Histogram, ProcessFigures, Rejection, CANCEL_REASONS};
 use crate::engine::{Engine, Outcome};
+use crate::handlers::exec::Isolation;
 
 /// What a family's samples are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,9 +186,60 @@ const FAMILIES: &[Family] = &[
     Family {
         name: "exec_groups_alive",
         kind: Kind::Gauge,
-        help: "Exec commands' process groups that may still have members.",
+        help: "Exec commands' process trees (process group or cgroup) that may still have processes.",
         labels: &[],
-        read: |_, sink| sink(&[], Value::Number(ProcessFigures::read().exec_groups)),
+        read: |_, sink| sink(&[], Value::Number(ProcessFigures::exec().exec_groups)),
+    },
+    Family {
+        name: "exec_isolation",
+        kind: Kind::Gauge,
+        help: "1 for the isolation exec jobs get (cgroup: a cgroup v2 each; process-group: where \
+               batchd cannot write a cgroup v2 subtree), 0 for the other.",
+        labels: &["mode"],
+        read: |_, sink| {
+            if let Some(mode) = ProcessFigures::exec().exec_isolation {
+                for m in Isolation::ALL {
+                    sink(&[m.as_str()], Value::Number(u64::from(m == mode)));
+                }
+            }
+        },
+    },
+    Family {
+        name: "exec_started",
+        kind: Kind::Counter,
+        help: "Exec commands started, by isolation mode.",
+        labels: &["mode"],
+        read: |_, sink| {
+            let f = ProcessFigures::exec().exec;
+            sink(&[Isolation::Cgroup.as_str()], Value::Number(f.started_in_cgroup));
+            let process_group = Isolation::ProcessGroup.as_str();
+            sink(&[process_group], Value::Number(f.started_in_process_group));
+        },
+    },
+    Family {
+        name: "exec_stale_cgroups_killed",
+        kind: Kind::Counter,
+        help: "Job cgroups a crashed batchd instance left with processes, killed at start-up.",
+        labels: &[],
+        read: |_, sink| {
+            sink(&[], Value::Number(ProcessFigures::exec().exec.stale_cgroups_killed));
+        },
+    },
+    Family {
+        name: "exec_stale_processes_killed",
+        kind: Kind::Counter,
+        help: "Processes in those cgroups, killed at start-up.",
+        labels: &[],
+        read: |_, sink| {
+            sink(&[], Value::Number(ProcessFigures::exec().exec.stale_processes_killed));
+        },
+    },
+    Family {
+        name: "exec_orphans_reaped",
+        kind: Kind::Counter,
+        help: "Orphaned descendants of exec commands re-parented to batchd (its subreaper) and reaped.",
+        labels: &[],
+        read: |_, sink| sink(&[], Value::Number(ProcessFigures::exec().exec.orphans_reaped)),
     },
     Family {
         name: "tokio_tasks_alive",

@@ -1,5 +1,7 @@
 //! Process-wide figures read at scrape time: the numbers that show whether anything leaks.
 
+use crate::handlers::exec::{self, Isolation};
+
 /// Process-wide figures read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessFigures {
@@ -7,8 +9,12 @@ pub struct ProcessFigures {
     pub tasks_alive: u64,
     /// Resident set size in bytes, if /proc tells.
     pub rss_bytes: Option<u64>,
-    /// Exec process groups that may still have members.
+    /// Exec process trees (group or cgroup) that may still have processes.
     pub exec_groups: u64,
+    /// The isolation exec jobs get by default (`None` until exec looked for cgroups).
+    pub exec_isolation: Option<Isolation>,
+    /// Exec's process-wide counters: commands started by mode, clean-up at start-up, orphans.
+    pub exec: exec::Figures,
 }
 
 impl ProcessFigures {
@@ -17,10 +23,24 @@ impl ProcessFigures {
         let tasks_alive = tokio::runtime::Handle::try_current()
             .map(|h| h.metrics().num_alive_tasks() as u64)
             .unwrap_or(0);
+        let exec = exec::figures();
         Self {
             tasks_alive,
             rss_bytes: rss_bytes(),
-            exec_groups: crate::handlers::exec::groups_alive(),
+            exec_groups: exec.trees_alive,
+            exec_isolation: exec::isolation(),
+            exec,
+        }
+    }
+
+    /// Only the exec figures (no /proc read, no runtime).
+    pub fn exec() -> Self {
+        let exec = exec::figures();
+        Self {
+            exec_groups: exec.trees_alive,
+            exec_isolation: exec::isolation(),
+            exec,
+            ..Self::default()
         }
     }
 }

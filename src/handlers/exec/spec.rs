@@ -14,6 +14,8 @@ use crate::units::{self, ByteSize};
 pub const MAX_KILL_GRACE: Duration = Duration::from_secs(60);
 /// Longest handler name.
 const MAX_NAME: usize = 128;
+/// Smallest `memory_max`: below it hardly any program starts.
+const MIN_MEMORY_MAX: ByteSize = ByteSize::mib(1);
 
 /// One `[[exec]]` table: a command run once per job, the params it takes and its limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,9 +46,34 @@ pub struct ExecSpec {
     /// Working directory of the command; none means the daemon's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<PathBuf>,
-    /// Time between SIGTERM and SIGKILL to the command's process group when a job is stopped.
+    /// Time between SIGTERM and SIGKILL to the command's process tree when a job is stopped.
     #[serde(default = "default_kill_grace", with = "units::duration")]
     pub kill_grace: Duration,
+    /// How a job's processes are held together: a cgroup each when batchd can make one (`auto`),
+    /// always (`cgroup`: no start without one), or a process group only (`process-group`).
+    #[serde(default, skip_serializing_if = "IsolationSetting::is_auto")]
+    pub isolation: IsolationSetting,
+    /// `memory.max` of each job's cgroup: a job that needs more is killed and FAILED "out of
+    /// memory". Needs cgroup mode with the memory controller delegated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<ByteSize>,
+    /// `pids.max` of each job's cgroup: processes and threads a job may have at once. Needs cgroup
+    /// mode with the pids controller delegated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+}
+
+/// The `isolation` of an `[[exec]]` table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationSetting {
+    /// A cgroup per job where batchd can write a cgroup v2 subtree, else a process group.
+    #[default]
+    Auto,
+    /// A cgroup per job; the daemon does not start without a writable cgroup v2 subtree.
+    Cgroup,
+    /// A process group per job, even where cgroups are possible.
+    ProcessGroup,
 }
 
 /// An exec handler's table that cannot be used: names the handler and the field.
@@ -132,6 +159,14 @@ pub fn validate(
     Ok(())
 }
 
+// === impl IsolationSetting ===
+
+impl IsolationSetting {
+    fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
+}
+
 // === impl ExecSpec ===
 
 impl ExecSpec {
@@ -148,7 +183,15 @@ impl ExecSpec {
             env: BTreeMap::new(),
             cwd: None,
             kill_grace: default_kill_grace(),
+            isolation: IsolationSetting::Auto,
+            memory_max: None,
+            pids_max: None,
         }
+    }
+
+    /// Whether the spec sets a limit that needs a cgroup.
+    pub(super) fn has_limits(&self) -> bool {
+        self.memory_max.is_some() || self.pids_max.is_some()
     }
 
     pub(super) fn error(&self, field: impl Into<String>, reason: impl Into<String>) -> SpecError {
@@ -246,6 +289,25 @@ impl ExecSpec {
                     "must be at most {} (shutdown waits for it)",
                     humantime::format_duration(MAX_KILL_GRACE)
                 ),
+            ));
+        }
+        if let Some(max) = self.memory_max {
+            if max < MIN_MEMORY_MAX {
+                return Err(self.error("memory_max", format!("must be at least {MIN_MEMORY_MAX}")));
+            }
+        }
+        if self.pids_max == Some(0) {
+            return Err(self.error("pids_max", "must be at least 1"));
+        }
+        if self.isolation == IsolationSetting::ProcessGroup && self.has_limits() {
+            let field = if self.memory_max.is_some() {
+                "memory_max"
+            } else {
+                "pids_max"
+            };
+            return Err(self.error(
+                field,
+                "needs a cgroup per job, but isolation is \"process-group\"",
             ));
         }
         Ok(Compiled { argv, rules })

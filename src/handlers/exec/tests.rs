@@ -193,7 +193,18 @@ fn the_environment_is_cleared_but_for_path_and_the_spec() {
     let mut s = spec(&["env"], &[]);
     s.env.insert("LC_ALL".into(), "C".into());
     let exec = Exec::new(&s, &Reaper::new()).unwrap();
-    assert_eq!(exec.env, environment(std::env::var_os("PATH"), &s.env));
+    let want: Vec<CString> = environment(std::env::var_os("PATH"), &s.env)
+        .into_iter()
+        .map(|(k, v)| {
+            let var = format!("{}={}", k.to_str().unwrap(), v.to_str().unwrap());
+            CString::new(var).unwrap()
+        })
+        .collect();
+    assert_eq!(exec.env, want);
+    assert_eq!(
+        exec.search_path.as_deref(),
+        std::env::var_os("PATH").as_deref().map(OsStrExt::as_bytes)
+    );
 }
 
 #[test]
@@ -236,4 +247,47 @@ async fn output_is_capped() {
     assert!(e.0.contains("over max_output (999 bytes)"), "{e}");
     let tail = read_tail(&data[..]).await.unwrap();
     assert_eq!(tail.describe().len(), "stderr: ".len() + 1000);
+}
+
+#[test]
+fn out_of_memory_and_pids_max_are_named_in_the_failure() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cgroup = cgroup::JobCgroup::fake(dir.path());
+    let killed = ExitStatus::from_raw(9);
+    let mut tail = Tail::default();
+    tail.push(b"partial\n");
+    let limits = Limits {
+        memory_max: Some(32 * 1024 * 1024),
+        pids_max: Some(16),
+    };
+    std::fs::write(
+        dir.path().join("memory.events"),
+        "low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("pids.events"), "max 2\n").unwrap();
+    assert_eq!(
+        failure(Some(&cgroup), killed, &tail, limits),
+        "the command failed (signal: 9 (SIGKILL)); pids_max (16) stopped 2 fork(s); stderr: partial"
+    );
+    std::fs::write(
+        dir.path().join("memory.events"),
+        "oom 1\noom_kill 1\noom_group_kill 1\n",
+    )
+    .unwrap();
+    assert_eq!(
+        failure(Some(&cgroup), killed, &tail, limits),
+        "out of memory: the job reached memory_max (32MiB) and the kernel killed it \
+         (signal: 9 (SIGKILL)); stderr: partial"
+    );
+    // Without limits nothing is read; in process-group mode there is no cgroup.
+    assert_eq!(
+        failure(Some(&cgroup), killed, &tail, Limits::default()),
+        "the command failed (signal: 9 (SIGKILL)); stderr: partial"
+    );
+    assert_eq!(
+        failure(None, ExitStatus::from_raw(3 << 8), &tail, limits),
+        "the command failed (exit status: 3); stderr: partial"
+    );
 }

@@ -1,0 +1,99 @@
+//! The lines a bench prints: one `name: value` line per figure, and `target_check:` lines that
+//! compare the figures measured in this run with the targets of their issue.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::stats::ms;
+
+/// Every figure printed so far, for [`check_targets`].
+static FIGURES: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// Prints a figure line `name: value` and records it.
+pub fn figure(name: &str, value: impl std::fmt::Display) {
+    let value = value.to_string();
+    println!("{name}: {value}");
+    FIGURES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((name.to_owned(), value));
+}
+
+/// Prints `{prefix}_{label}_ms` (3 decimals) for each `(label, p)` of `points`, `pick` choosing
+/// the percentile `p` of the sorted samples.
+pub fn latency_ms(
+    prefix: &str,
+    sorted: &[Duration],
+    points: &[(&str, f64)],
+    pick: fn(&[Duration], f64) -> Duration,
+) {
+    for (label, p) in points {
+        figure(
+            &format!("{prefix}_{label}_ms"),
+            format!("{:.3}", ms(pick(sorted, *p))),
+        );
+    }
+}
+
+/// A figure's target.
+pub struct Target {
+    /// The figure's name.
+    pub figure: &'static str,
+    /// At least (`true`) or at most (`false`) `value`.
+    pub at_least: bool,
+    pub value: f64,
+    /// What the issue asks, in words.
+    pub what: &'static str,
+}
+
+impl Target {
+    /// `figure` ≥ `value`.
+    pub const fn at_least(figure: &'static str, value: f64, what: &'static str) -> Self {
+        Self {
+            figure,
+            at_least: true,
+            value,
+            what,
+        }
+    }
+
+    /// `figure` ≤ `value`.
+    pub const fn at_most(figure: &'static str, value: f64, what: &'static str) -> Self {
+        Self {
+            figure,
+            at_least: false,
+            value,
+            what,
+        }
+    }
+}
+
+/// Prints a `target_check:` line for each target whose figure was measured in this run (a leading
+/// `+` is ignored; a figure that is not a number is skipped).
+pub fn check_targets(targets: &[Target]) {
+    let figures = FIGURES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    println!();
+    for t in targets {
+        let Some(value) = figures
+            .iter()
+            .find(|(n, _)| n == t.figure)
+            .and_then(|(_, v)| v.trim_start_matches('+').parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let (cmp, met) = if t.at_least {
+            (">=", value >= t.value)
+        } else {
+            ("<=", value <= t.value)
+        };
+        println!(
+            "target_check: {} = {value} (target {cmp} {}; {}): {}",
+            t.figure,
+            t.value,
+            t.what,
+            if met { "met" } else { "NOT MET" }
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! Percentiles of sorted samples.
+
+use std::time::Duration;
+
+/// Nearest-rank percentile (`p` in percent) of sorted samples; zero when there are none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The sample at index `round((n - 1) × p / 100)` of sorted samples (`p` in percent); zero when
+/// there are none. The exec bench's figures have used this since issue 4 (for 20 samples its p50 is the 11th,
+/// nearest rank's the 10th): kept so that BENCHMARKS.md's history stays comparable.
+pub fn percentile_rounded_index(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// p50, p99 and the largest sample, for [`crate::support::report::latency_ms`].
+pub const P50_P99_MAX: [(&str, f64); 3] = [("p50", 50.0), ("p99", 99.0), ("max", 100.0)];
+
+/// `d` in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -4,8 +4,8 @@ use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use batchd::client::map::MapInputs;
@@ -260,8 +260,10 @@ fn name(path: Option<&Path>, default: &str) -> String {
 /// daemon stops every job of it), and a second one, at any time, exits 130 at once, as does any
 /// Ctrl-C once the run is over (while the trace is exported).
 struct CtrlC {
+    /// Presses so far, and whether the run is over; one lock, so that a press and the end of the
+    /// run are seen in one order by both sides.
+    state: Arc<Mutex<(u32, bool)>>,
     presses: watch::Receiver<u32>,
-    finishing: Arc<AtomicBool>,
     _watcher: AbortOnDropHandle<()>,
 }
 
@@ -269,29 +271,29 @@ impl CtrlC {
     /// Starts listening; until then (and without it) Ctrl-C ends the process as usual.
     fn listen() -> Self {
         let (tx, presses) = watch::channel(0u32);
-        let finishing = Arc::new(AtomicBool::new(false));
-        let over = Arc::clone(&finishing);
+        let state = Arc::new(Mutex::new((0u32, false)));
+        let shared = Arc::clone(&state);
         let mut signals =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
         let watcher = tokio::spawn(async move {
             let Some(signals) = &mut signals else {
                 return;
             };
-            let mut n = 0u32;
             while signals.recv().await.is_some() {
-                n += 1;
-                if n >= 2 || over.load(Ordering::SeqCst) {
-                    // Never leave a map output half-written, even now.
-                    let _held = client::map::hold_outputs();
-                    eprintln!("\nbatchctl: interrupted again; exiting now");
-                    std::process::exit(i32::from(EXIT_INTERRUPTED));
-                }
+                let n = {
+                    let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    state.0 += 1;
+                    if state.0 >= 2 || state.1 {
+                        exit_interrupted(state.0 >= 2);
+                    }
+                    state.0
+                };
                 let _ = tx.send(n);
             }
         });
         Self {
+            state,
             presses,
-            finishing,
             _watcher: AbortOnDropHandle::new(watcher),
         }
     }
@@ -306,10 +308,23 @@ impl CtrlC {
         }
     }
 
-    /// The run is over: from now on any Ctrl-C exits at once.
-    fn finishing(&self) {
-        self.finishing.store(true, Ordering::SeqCst);
+    /// The run is over (`interrupted`: by Ctrl-C): from now on any Ctrl-C exits at once, and so
+    /// does one that came after the run stopped listening.
+    fn finishing(&self, interrupted: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 = true;
+        if state.0 > 0 && !interrupted {
+            exit_interrupted(false);
+        }
     }
+}
+
+/// Exits 130 at once (`again`: at a second Ctrl-C), never leaving a map output half-written.
+fn exit_interrupted(again: bool) -> ! {
+    let _held = client::map::hold_outputs();
+    let again = if again { " again" } else { "" };
+    eprintln!("\nbatchctl: interrupted{again}; exiting now");
+    std::process::exit(i32::from(EXIT_INTERRUPTED));
 }
 
 /// The work of a traced command.
@@ -333,7 +348,7 @@ async fn traced(endpoint: &str, work: Work) -> Result<u8, Fail> {
         Work::Run(args) => run(endpoint, args, &mut trace, ctrl_c.first()).await,
         Work::Map(args) => map(endpoint, args, &mut trace, ctrl_c.first()).await,
     };
-    ctrl_c.finishing();
+    ctrl_c.finishing(matches!(res, Ok(EXIT_INTERRUPTED)));
     let (end, code) = match &res {
         Ok(code) if *code == EXIT_INTERRUPTED => (RunEnd::Cancelled, *code),
         Ok(code) => (RunEnd::Completed, *code),

@@ -56,12 +56,25 @@ async fn flood(
     })
     .await;
     let mut open = vec![hold];
-    let mut senders = Vec::new();
+    // Each call's first message is read before the flood: a call holding nothing may always read
+    // one (so that no call waits on the others for ever), and once every call holds a job, what is
+    // read afterwards is up to the budget alone.
     for c in 0..calls {
         let call = server.open_call().await;
+        let id = format!("c{c}m0");
+        call.send(batch(&id, vec![job(&id, "echo", &vec![b'x'; payload], &[])]))
+            .await;
+        open.push(call);
+    }
+    wait_until("every call holds its first job", WAIT, || {
+        server.stats().jobs_admitted == 1 + calls as u64
+    })
+    .await;
+    let mut senders = Vec::new();
+    for (c, call) in open.iter().skip(1).enumerate() {
         let tx = call.tx.clone().unwrap();
         senders.push(tokio::spawn(async move {
-            for m in 0..messages {
+            for m in 1..messages {
                 let id = format!("c{c}m{m}");
                 let job = job(&id, "echo", &vec![b'x'; payload], &[]);
                 if tx.send(batch(&id, vec![job])).await.is_err() {
@@ -69,7 +82,6 @@ async fn flood(
                 }
             }
         }));
-        open.push(call);
     }
     (server, gate, open, senders)
 }

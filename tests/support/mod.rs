@@ -4,6 +4,7 @@
 pub mod batchctl;
 pub mod daemon;
 pub mod jobs;
+pub mod map;
 pub mod otlp;
 pub mod principals;
 pub mod procs;

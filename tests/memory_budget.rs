@@ -62,8 +62,11 @@ async fn flood(
     for c in 0..calls {
         let call = server.open_call().await;
         let id = format!("c{c}m0");
-        call.send(batch(&id, vec![job(&id, "echo", &vec![b'x'; payload], &[])]))
-            .await;
+        call.send(batch(
+            &id,
+            vec![job(&id, "echo", &vec![b'x'; payload], &[])],
+        ))
+        .await;
         open.push(call);
     }
     wait_until("every call holds its first job", WAIT, || {

@@ -1,11 +1,17 @@
-//! The client side, shared by `batchctl`, the tests and Rust users: connect, run job files, query.
+//! The client side, shared by `batchctl`, the tests and Rust users: connect, run job files, map
+//! files, query.
 
+pub mod call;
 mod jobline;
+mod jsonl;
 mod lines;
+pub mod map;
 mod progress;
 mod record;
 mod run;
+mod template;
 mod tls;
+mod token;
 mod traceparent;
 
 use std::time::Duration;
@@ -13,12 +19,17 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
 
+pub use call::{BadInput, BadKind, CallOptions, DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_MAX_MESSAGE};
 pub use jobline::{parse as parse_line, LineDefaults, LineError, LineJob};
+pub use jsonl::JsonlSink;
 pub use lines::{Line, LineDecoder};
+pub use map::{map, MapOptions};
 pub use progress::Progress;
 pub use record::{ok_ids, outcome_name, LogRecord, ResultRecord};
-pub use run::{run, RunOptions, DEFAULT_MAX_MESSAGE, MAX_LINE};
+pub use run::{run, RunOptions, MAX_LINE};
+pub use template::{Template, TemplateError};
 pub use tls::{ClientTls, Target};
+pub use token::{Token, TokenError};
 pub use traceparent::{outgoing_traceparent, TraceHeaders};
 
 use crate::outcome::Outcome;
@@ -55,9 +66,9 @@ pub enum ClientError {
     /// The call ended with an error status.
     #[error("the call failed: {}: {}", .0.code(), .0.message())]
     Call(tonic::Status),
-    /// A bad input line under `--strict`.
+    /// A bad input (a line that is not a job, a file that cannot be read or sent) under `--strict`.
     #[error("{0} (stopping: --strict)")]
-    BadLine(LineError),
+    Bad(BadInput),
     /// The input could not be read.
     #[error("cannot read the input: {0}")]
     Input(std::io::Error),
@@ -80,7 +91,13 @@ pub struct Summary {
     pub outcomes: [u64; 5],
     /// Input lines that were not jobs.
     pub bad_lines: u64,
-    /// Jobs skipped by `--resume`.
+    /// Files that could not be read.
+    pub unreadable: u64,
+    /// Files too large to send or for the daemon.
+    pub too_large: u64,
+    /// Files whose output (or id) another input of the run already had.
+    pub duplicates: u64,
+    /// Jobs skipped by `--resume` or `--skip-existing`.
     pub skipped: u64,
     /// Retries sent.
     pub retried: u64,
@@ -88,6 +105,8 @@ pub struct Summary {
     pub elapsed: Duration,
     /// Stopped by Ctrl-C.
     pub interrupted: bool,
+    /// Most payload bytes held at once (taken from the input, not answered yet).
+    pub peak_bytes: u64,
 }
 
 // === impl ClientError ===
@@ -124,14 +143,32 @@ impl Summary {
         self.outcomes[o.index()] += 1;
     }
 
+    fn count_bad(&mut self, kind: BadKind) {
+        let n = match kind {
+            BadKind::Line => &mut self.bad_lines,
+            BadKind::Unreadable => &mut self.unreadable,
+            BadKind::TooLarge => &mut self.too_large,
+            BadKind::Duplicate => &mut self.duplicates,
+        };
+        *n += 1;
+    }
+
+    /// Inputs that were reported and not sent: bad lines, unreadable, too large, duplicates.
+    pub fn bad_inputs(&self) -> u64 {
+        self.bad_lines + self.unreadable + self.too_large + self.duplicates
+    }
+
     /// Jobs that ended ok.
     pub fn ok(&self) -> u64 {
         self.outcomes[Outcome::Ok.index()]
     }
 
-    /// Whether every job sent ended ok and every line was a job.
+    /// Whether every job sent ended ok and every input was a job.
     pub fn all_ok(&self) -> bool {
-        self.ok() == self.sent && self.done == self.sent && self.bad_lines == 0 && !self.interrupted
+        self.ok() == self.sent
+            && self.done == self.sent
+            && self.bad_inputs() == 0
+            && !self.interrupted
     }
 
     /// `12 ok, 1 failed, …`: the non-zero counts per outcome.
@@ -144,6 +181,15 @@ impl Summary {
             .collect();
         if self.bad_lines > 0 {
             parts.push(plural(self.bad_lines, "bad line"));
+        }
+        if self.unreadable > 0 {
+            parts.push(format!("{} unreadable", self.unreadable));
+        }
+        if self.too_large > 0 {
+            parts.push(format!("{} too large", self.too_large));
+        }
+        if self.duplicates > 0 {
+            parts.push(plural(self.duplicates, "duplicate"));
         }
         if self.skipped > 0 {
             parts.push(format!("{} skipped", self.skipped));

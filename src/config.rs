@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::{PrincipalError, PrincipalSpec};
 pub use crate::handlers::exec::{ExecSpec, SpecError};
 use crate::units;
 pub use crate::units::ByteSize;
@@ -61,6 +62,9 @@ pub struct Config {
     pub session_bytes: ByteSize,
     /// Calls open at once; more are refused with RESOURCE_EXHAUSTED (at most [`MAX_COUNT`]).
     pub max_calls: usize,
+    /// Bytes held across all calls in jobs read and results not sent yet; once reached, calls stop
+    /// being read until it frees (a call holding nothing still reads; README "Memory budget").
+    pub memory_budget: ByteSize,
     /// Largest request message accepted; larger ends the call with RESOURCE_EXHAUSTED.
     pub max_message_size: ByteSize,
     /// Most jobs in one batch; more ends the call with INVALID_ARGUMENT (at most [`MAX_COUNT`]).
@@ -131,9 +135,15 @@ pub struct Config {
     /// Largest HTTP/2 header list (a call's metadata) accepted; a larger one is refused by the
     /// HTTP/2 layer before it is decoded in full.
     pub http2_max_header_list_size: ByteSize,
+    /// Serve gRPC reflection without credentials even when principals are configured.
+    pub reflection_open: bool,
     /// Exec handlers: commands run once per job (`[[exec]]` tables in the file; none by default).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<ExecSpec>,
+    /// Principals: who may call, with which handlers, quotas and share of the pool (`[[principal]]`
+    /// tables in the file; none by default: every call is anonymous).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principal: Vec<PrincipalSpec>,
 }
 
 /// How logs are written to stderr.
@@ -199,6 +209,9 @@ pub enum ConfigError {
     /// An `[[exec]]` table is invalid; the message names the handler and the field.
     #[error("invalid config: {0}")]
     Exec(#[from] SpecError),
+    /// A `[[principal]]` table is invalid; the message names the principal and the field.
+    #[error("invalid config: {0}")]
+    Principal(#[from] PrincipalError),
 }
 
 impl Default for Config {
@@ -210,6 +223,7 @@ impl Default for Config {
             session_window: 1024,
             session_bytes: ByteSize::mib(64),
             max_calls: 10_000,
+            memory_budget: ByteSize::gib(1),
             max_message_size: ByteSize::mib(16),
             max_jobs_per_batch: 10_000,
             max_payload: ByteSize::mib(8),
@@ -236,7 +250,9 @@ impl Default for Config {
             max_connections: 4096,
             max_connections_per_peer: 1024,
             http2_max_header_list_size: ByteSize(16 * 1024),
+            reflection_open: false,
             exec: Vec::new(),
+            principal: Vec::new(),
         }
     }
 }
@@ -364,6 +380,9 @@ impl Config {
         if self.session_bytes < ByteSize(64 * 1024) {
             return invalid("session_bytes", "must be at least 64KiB");
         }
+        if self.memory_budget < ByteSize(64 * 1024) || self.memory_budget.0 > usize::MAX as u64 {
+            return invalid("memory_budget", "must be at least 64KiB");
+        }
         if self.max_payload > self.max_message_size {
             return invalid("max_payload", "must not be larger than max_message_size");
         }
@@ -447,6 +466,7 @@ impl Config {
             return invalid("log", &format!("{:?} is not a log filter: {e}", self.log));
         }
         crate::handlers::exec::validate(&self.exec, self.max_output, self.max_job_timeout)?;
+        crate::auth::validate(&self.principal)?;
         Ok(())
     }
 
@@ -517,21 +537,23 @@ fn check(table: &toml::Table, origin: impl FnOnce() -> String) -> Result<(), Con
 
 fn from_table(table: toml::Table) -> Result<Config, String> {
     let exec = table.get("exec").cloned();
+    let principal = table.get("principal").cloned();
     Config::deserialize(toml::Value::Table(table)).map_err(|e| {
-        exec.and_then(|exec| exec_error(&exec))
+        let exec = exec.and_then(|t| table_error::<ExecSpec>(&t, "exec"));
+        exec.or_else(|| principal.and_then(|t| table_error::<PrincipalSpec>(&t, "principal")))
             .unwrap_or_else(|| e.to_string().trim().to_owned())
     })
 }
 
-/// The first `[[exec]]` table that does not deserialize, as an error naming its handler: serde's own
-/// message names the field but not which of the tables it is in.
-fn exec_error(exec: &toml::Value) -> Option<String> {
-    let tables = exec.as_array()?;
+/// The first `[[kind]]` table that does not deserialize, as an error naming it: serde's own message
+/// names the field but not which of the tables it is in.
+fn table_error<T: serde::de::DeserializeOwned>(tables: &toml::Value, kind: &str) -> Option<String> {
+    let tables = tables.as_array()?;
     tables.iter().enumerate().find_map(|(i, table)| {
-        let e = ExecSpec::deserialize(table.clone()).err()?;
+        let e = T::deserialize(table.clone()).err()?;
         let name = match table.get("name").and_then(toml::Value::as_str) {
-            Some(name) => format!("exec {name:?}"),
-            None => format!("exec table #{}", i + 1),
+            Some(name) => format!("{kind} {name:?}"),
+            None => format!("{kind} table #{}", i + 1),
         };
         Some(format!("{name}: {}", e.to_string().trim()))
     })

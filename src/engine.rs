@@ -5,10 +5,12 @@
 //! [`ResultStream`]. Dropping that stream (the client went away) cancels the call's token, which ends
 //! the session task and with it every job future, timer and buffer of the call.
 
+mod budget;
 pub mod health;
 mod job;
 pub mod metrics;
 mod outbox;
+mod principal;
 mod running;
 mod scheduler;
 mod session;
@@ -22,13 +24,18 @@ use futures_util::Stream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
+use crate::auth::{Credentials, PrincipalError, PrincipalSpec};
 use crate::config::Config;
 use crate::error::Error;
 use crate::handlers::{CpuPool, Handler, Registry};
 
+use budget::Budget;
 pub use job::{Command, JobRequest, JobResult, Outcome};
 use metrics::{Metrics, Rejection};
+pub use principal::Principal;
+use principal::{CallSlot, Principals};
 use scheduler::Scheduler;
 use session::{Outgoing, Session};
 use trace::SessionTrace;
@@ -49,6 +56,8 @@ pub struct Limits {
     pub session_bytes: usize,
     /// Calls open at once.
     pub max_calls: usize,
+    /// Bytes held in jobs read and unsent results across all calls, before calls stop being read.
+    pub memory_budget: usize,
     /// Jobs in one batch.
     pub max_jobs_per_batch: usize,
     /// Bytes of one job's payload.
@@ -88,6 +97,9 @@ struct Inner {
     metrics: Metrics,
     /// The health probe's last turn.
     heartbeat: health::Heartbeat,
+    /// Who may call, and each principal's figures.
+    principals: Principals,
+    budget: Budget,
 }
 
 /// Handlers by name, each with its row in the metrics.
@@ -124,6 +136,8 @@ pub struct Stats {
 pub struct Call {
     engine: Arc<Inner>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    principal: Arc<Principal>,
+    slot: CallSlot,
     deadline: Option<Instant>,
     trace: SessionTrace,
 }
@@ -147,6 +161,7 @@ impl From<&Config> for Limits {
             session_window: c.session_window,
             session_bytes: usize::try_from(c.session_bytes.0).unwrap_or(usize::MAX),
             max_calls: c.max_calls,
+            memory_budget: c.memory_budget.as_usize(),
             max_jobs_per_batch: c.max_jobs_per_batch,
             max_payload: c.max_payload.as_usize(),
             max_output: c.max_output.as_usize(),
@@ -160,8 +175,17 @@ impl From<&Config> for Limits {
 // === impl Engine ===
 
 impl Engine {
-    /// An engine with these limits and handlers.
+    /// An engine with these limits and handlers, where every call is anonymous (no principal).
     pub fn new(limits: Limits, registry: Registry) -> Self {
+        let engine = Self::refusing(limits, registry);
+        // No spec cannot fail: the anonymous table.
+        let _ = engine.set_principals(&[], false);
+        engine
+    }
+
+    /// An engine with these limits and handlers that refuses every call (UNAUTHENTICATED) until
+    /// [`Engine::set_principals`] puts principals in force.
+    pub fn refusing(limits: Limits, registry: Registry) -> Self {
         let names: Vec<String> = registry.iter().map(|(n, _)| n.to_owned()).collect();
         let handlers = HandlerRows(
             names
@@ -176,6 +200,7 @@ impl Engine {
                 heartbeat: health::Heartbeat::new(limits.stall_timeout),
                 cpu: CpuPool::new(limits.cpu_workers),
                 calls: Arc::new(Semaphore::new(limits.max_calls)),
+                budget: Budget::new(limits.memory_budget),
                 limits,
                 registry,
                 root: CancellationToken::new(),
@@ -184,29 +209,78 @@ impl Engine {
                 sessions: TaskTracker::new(),
                 handlers,
                 metrics: Metrics::new(names),
+                principals: Principals::default(),
             }),
         }
     }
 
-    /// Admits a new call ending at `deadline`, or refuses it when the daemon is full or shutting down.
+    /// Puts the principals of `specs` in force (none: every call is anonymous), for calls opened
+    /// from now on; open calls keep theirs. `reflection_open` serves reflection without credentials.
+    /// Returns how many principals there are; specs that do not validate change nothing.
+    ///
+    /// A handler a principal lists that this engine does not run matches no job (check them first
+    /// with [`crate::auth::check_handlers`] to refuse such a config).
+    pub fn set_principals(
+        &self,
+        specs: &[PrincipalSpec],
+        reflection_open: bool,
+    ) -> Result<usize, PrincipalError> {
+        let inner = &self.inner;
+        inner
+            .principals
+            .install(specs, reflection_open, &inner.scheduler)
+    }
+
+    /// The principal `creds` prove the call is (the anonymous one when none is configured), or
+    /// UNAUTHENTICATED.
+    pub fn authenticate(&self, creds: &Credentials<'_>) -> Result<Arc<Principal>, Error> {
+        self.inner.principals.authenticate(creds).inspect_err(|_| {
+            self.inner.metrics.rejected(Rejection::Unauthenticated);
+        })
+    }
+
+    /// Whether gRPC reflection needs the same credentials as BatchService (principals are
+    /// configured and `reflection_open` is off).
+    pub fn reflection_needs_credentials(&self) -> bool {
+        self.inner.principals.reflection_needs_credentials()
+    }
+
+    /// Admits a new call of `principal` ending at `deadline`, or refuses it when the daemon or the
+    /// principal has its most calls open, or the daemon is shutting down.
     ///
     /// `trace` is the call's session span (disabled when the call is not traced).
-    pub fn open(&self, deadline: Option<Instant>, trace: SessionTrace) -> Result<Call, Error> {
+    pub fn open(
+        &self,
+        deadline: Option<Instant>,
+        trace: SessionTrace,
+        principal: Arc<Principal>,
+    ) -> Result<Call, Error> {
+        let refuse = |why: Rejection, e: Error| {
+            self.inner.metrics.rejected(why);
+            if why != Rejection::PrincipalMaxCalls {
+                principal.rejected(why);
+            }
+            e
+        };
         if self.inner.drain.is_cancelled() {
-            self.inner.metrics.rejected(Rejection::ShuttingDown);
-            return Err(Error::ShuttingDown);
+            return Err(refuse(Rejection::ShuttingDown, Error::ShuttingDown));
         }
+        // The principal's quota first: a call it refuses takes none of the daemon's.
+        let slot = principal
+            .enter()
+            .map_err(|e| refuse(Rejection::PrincipalMaxCalls, e))?;
         let permit = Arc::clone(&self.inner.calls)
             .try_acquire_owned()
             .map_err(|_| {
-                self.inner.metrics.rejected(Rejection::TooManyCalls);
-                Error::TooManyCalls {
-                    limit: self.inner.limits.max_calls,
-                }
+                let limit = self.inner.limits.max_calls;
+                refuse(Rejection::TooManyCalls, Error::TooManyCalls { limit })
             })?;
+        trace.record_principal(principal.name());
         Ok(Call {
             engine: Arc::clone(&self.inner),
             permit,
+            principal,
+            slot,
             deadline,
             trace,
         })
@@ -287,6 +361,11 @@ impl Call {
         // One message may wait for the transport while the next results coalesce in the session.
         let (tx, rx) = outbox::outbox();
         let dropped_at = Arc::new(std::sync::OnceLock::new());
+        // Every log line of the call names its principal. The call's own events are at debug
+        // level, and so is the span: with the default `info` filter it costs nothing, not even
+        // the enter and exit on each poll of the session.
+        let span = tracing::debug_span!("call", principal = self.principal.name());
+        self.slot.admitted();
         let session = Session::new(
             Arc::clone(&self.engine),
             token.clone(),
@@ -295,11 +374,13 @@ impl Call {
             session::CallParts {
                 deadline: self.deadline,
                 permit: self.permit,
+                principal: self.principal,
+                slot: self.slot,
                 trace: self.trace,
                 dropped_at: Arc::clone(&dropped_at),
             },
         );
-        self.engine.sessions.spawn(session.run());
+        self.engine.sessions.spawn(session.run().instrument(span));
         ResultStream {
             rx,
             dropped_at,

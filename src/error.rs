@@ -11,6 +11,19 @@ pub enum Error {
         /// The configured limit.
         limit: usize,
     },
+    /// Principals are configured and the call did not prove it is one of them.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The call's principal already has its `max_calls` calls open.
+    #[error(
+        "principal {principal:?} already has {limit} calls open (its max_calls quota); retry later"
+    )]
+    PrincipalMaxCalls {
+        /// The principal.
+        principal: String,
+        /// Its quota.
+        limit: usize,
+    },
     /// The daemon is shutting down and accepts no new work.
     #[error("batchd is shutting down; jobs without a result were not run")]
     ShuttingDown,
@@ -46,7 +59,10 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::TooManyCalls { .. } | Error::MessageTooLarge(_) => Code::ResourceExhausted,
+            Error::TooManyCalls { .. }
+            | Error::PrincipalMaxCalls { .. }
+            | Error::MessageTooLarge(_) => Code::ResourceExhausted,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::ShuttingDown => Code::Unavailable,
             Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::InvalidArgument(_) => Code::InvalidArgument,

@@ -2,10 +2,11 @@
 //!
 //! Module map, in layers: a module uses only modules of layers below its own (`tests/architecture.rs`
 //! keeps it so), lowest first:
-//! units, error, codec < proto < outcome < handlers < config < engine, client < telemetry < service < server
+//! units, error, codec, auth < proto < outcome < handlers < config < engine, client < telemetry < service < server
 //!
 //! - [`units`]: byte sizes and durations as config values; [`error`]: the error type and its one
-//!   mapping to gRPC status codes; [`proto`]: generated protobuf and gRPC code, with [`codec`], its
+//!   mapping to gRPC status codes; [`auth`]: `[[principal]]` tables, bearer tokens and
+//!   client-certificate names; [`proto`]: generated protobuf and gRPC code, with [`codec`], its
 //!   small-buffer codec; [`outcome`]: how a job ended, the one table of outcome names.
 //! - [`handlers`]: the [`Handler`] trait, the registry, the built-in handlers and `exec` (commands
 //!   configured by the operator, with their table's validation).
@@ -16,10 +17,12 @@
 //!   two share only the protocol).
 //! - [`telemetry`]: the outer adapter: logs, OpenTelemetry export, W3C parents, `/metrics` and the
 //!   admin HTTP listener; the only module that imports `opentelemetry`.
-//! - [`service`]: the `batchd.v1.BatchService` gRPC service; proto ⇄ domain, nothing else.
+//! - [`service`]: the `batchd.v1.BatchService` gRPC service (proto ⇄ domain) and its edge: who a
+//!   call is, from its token or client certificate.
 //! - [`server`]: runs the daemon (limits, health, reflection, shutdown with a deadline).
 //! - `src/bin/`: `batchd` and `batchctl`, thin binaries above everything.
 
+pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod config;

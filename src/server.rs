@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -18,7 +19,7 @@ use crate::engine::{Engine, Limits};
 use crate::error::Error;
 use crate::handlers::Registry;
 use crate::proto::{batch_service_server::BatchServiceServer, FILE_DESCRIPTOR_SET};
-use crate::service::Service;
+use crate::service::{Authenticate, Service};
 use crate::telemetry::admin;
 
 pub mod incoming;
@@ -54,8 +55,14 @@ pub struct Server {
 
 impl Server {
     /// A daemon with `config`'s limits running `registry`'s handlers.
+    ///
+    /// Its principals are `config`'s (validated by [`Config::validate`]); if they do not validate,
+    /// every call is refused (UNAUTHENTICATED) rather than served without them.
     pub fn new(config: Config, registry: Registry) -> Self {
-        let engine = Engine::new(Limits::from(&config), registry);
+        let engine = Engine::refusing(Limits::from(&config), registry);
+        if let Err(e) = engine.set_principals(&config.principal, config.reflection_open) {
+            tracing::error!(error = %e, "invalid principals: refusing every call");
+        }
         Self {
             config,
             engine,
@@ -169,6 +176,12 @@ async fn serve_grpc(
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
+        // Health stays open (probes carry no credentials); reflection and BatchService need them
+        // once principals are configured (reflection unless `reflection_open`).
+        let reflection_v1 =
+            InterceptedService::new(reflection_v1, Authenticate::reflection(engine.clone()));
+        let reflection_v1alpha =
+            InterceptedService::new(reflection_v1alpha, Authenticate::reflection(engine.clone()));
         let max_message = config.max_message_size.as_usize();
         let service = BatchServiceServer::new(Service::new(engine.clone()))
             .max_decoding_message_size(max_message)
@@ -178,6 +191,7 @@ async fn serve_grpc(
                     .saturating_add(config.max_output.as_usize())
                     .saturating_add(64 * 1024),
             );
+        let service = InterceptedService::new(service, Authenticate::batch_service(engine.clone()));
         let keepalive = (!config.keepalive_interval.is_zero()).then_some(config.keepalive_interval);
         let addr = listener.local_addr()?;
         let limits = ConnectionLimits::from(&config);
@@ -198,6 +212,7 @@ async fn serve_grpc(
                 "serving"
             ),
         }
+        warn_plaintext_tokens(&config, addr, tls.is_some());
         let stop_accepting = CancellationToken::new();
 
         let router = tonic::transport::Server::builder()
@@ -293,6 +308,19 @@ async fn serve_grpc(
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Bearer tokens on a plaintext listener that others can reach travel in the clear: say so at start
+/// (and at reload, from the binary).
+pub fn warn_plaintext_tokens(config: &Config, addr: std::net::SocketAddr, tls: bool) {
+    let tokens = config.principal.iter().any(|p| !p.token_sha256.is_empty());
+    if tokens && !tls && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "bearer tokens are accepted over plaintext on a non-loopback address: anyone on the path \
+             can read and replay them; serve TLS or keep the listener on loopback"
+        );
     }
 }
 

@@ -1,4 +1,8 @@
 //! The `BatchService` gRPC service: converts proto ⇄ domain and hands each call to the engine.
+//!
+//! Its edge, [`Authenticate`], is the interceptor that finds out who a call is (from its bearer token
+//! or its client certificate) and puts the typed [`Principal`] in the request: nothing past it reads
+//! credentials, and handlers never see headers.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,7 +12,8 @@ use futures_util::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Command, Engine, JobRequest, JobResult, ResultStream};
+use crate::auth::Credentials;
+use crate::engine::{Command, Engine, JobRequest, JobResult, Principal, ResultStream};
 use crate::error::Error;
 use crate::proto::{self, batch_service_server::BatchService, process_request::Kind};
 use crate::telemetry::session_trace;
@@ -23,11 +28,81 @@ pub struct Service {
     engine: Engine,
 }
 
+/// The interceptor in front of `BatchService` (and of reflection): with principals configured, a
+/// call without valid credentials gets UNAUTHENTICATED before anything else happens.
+#[derive(Debug, Clone)]
+pub struct Authenticate {
+    engine: Engine,
+    /// In front of reflection, which is open when the operator says so (`reflection_open`).
+    reflection: bool,
+}
+
+/// The principal of an authenticated call, as the interceptor leaves it in the request.
+#[derive(Debug, Clone)]
+struct Authenticated(Arc<Principal>);
+
 impl Service {
     /// A service running its calls on `engine`.
     pub fn new(engine: Engine) -> Self {
         Self { engine }
     }
+
+    /// The call's principal: from the interceptor, or found here if the service runs without it.
+    fn principal<T>(&self, request: &Request<T>) -> Result<Arc<Principal>, Status> {
+        match request.extensions().get::<Authenticated>() {
+            Some(Authenticated(p)) => Ok(Arc::clone(p)),
+            None => authenticate(&self.engine, request),
+        }
+    }
+}
+
+impl Authenticate {
+    /// The interceptor for `BatchService` calls on `engine`.
+    pub fn batch_service(engine: Engine) -> Self {
+        Self {
+            engine,
+            reflection: false,
+        }
+    }
+
+    /// The interceptor for reflection calls.
+    pub fn reflection(engine: Engine) -> Self {
+        Self {
+            engine,
+            reflection: true,
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if self.reflection {
+            if self.engine.reflection_needs_credentials() {
+                authenticate(&self.engine, &request)?;
+            }
+            return Ok(request);
+        }
+        let principal = authenticate(&self.engine, &request)?;
+        request.extensions_mut().insert(Authenticated(principal));
+        Ok(request)
+    }
+}
+
+/// The principal a request's credentials prove (its `authorization` metadata, or its client
+/// certificate on an mTLS connection), or UNAUTHENTICATED.
+fn authenticate<T>(engine: &Engine, request: &Request<T>) -> Result<Arc<Principal>, Status> {
+    let certs = request.peer_certs();
+    let leaf = certs.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
+    let token = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.as_bytes());
+    engine
+        .authenticate(&Credentials::new(token, leaf))
+        .map_err(|e| {
+            tracing::debug!(peer = ?request.remote_addr(), error = %e, "call refused");
+            Status::from(e)
+        })
 }
 
 #[tonic::async_trait]
@@ -39,8 +114,11 @@ impl BatchService for Service {
         &self,
         request: Request<Streaming<proto::ProcessRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let principal = self.principal(&request)?;
         let trace = session_trace("Process", request.metadata(), request.remote_addr());
-        let call = self.engine.open(deadline(request.metadata()), trace)?;
+        let call = self
+            .engine
+            .open(deadline(request.metadata()), trace, principal)?;
         let inbound = request
             .into_inner()
             .map(|msg| msg.map_err(Error::from).and_then(command));
@@ -51,20 +129,25 @@ impl BatchService for Service {
         &self,
         request: Request<proto::JobBatch>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let principal = self.principal(&request)?;
         let trace = session_trace("RunBatch", request.metadata(), request.remote_addr());
-        let call = self.engine.open(deadline(request.metadata()), trace)?;
+        let call = self
+            .engine
+            .open(deadline(request.metadata()), trace, principal)?;
         let inbound = futures_util::stream::iter([Ok(submit(request.into_inner()))]);
         Ok(Response::new(respond(call.start(inbound))))
     }
 
     async fn list_handlers(
         &self,
-        _request: Request<proto::ListHandlersRequest>,
+        request: Request<proto::ListHandlersRequest>,
     ) -> Result<Response<proto::ListHandlersResponse>, Status> {
+        let principal = self.principal(&request)?;
         let handlers = self
             .engine
             .registry()
             .iter()
+            .filter(|(name, _)| principal.may_use(name))
             .map(|(name, h)| proto::HandlerInfo {
                 name: name.to_owned(),
                 description: h.description().to_owned(),

@@ -25,6 +25,11 @@ impl ByteSize {
         Self(n << 20)
     }
 
+    /// `n` gibibytes.
+    pub const fn gib(n: u64) -> Self {
+        Self(n << 30)
+    }
+
     /// The size as a `usize`, saturating on 32-bit targets.
     pub fn as_usize(self) -> usize {
         usize::try_from(self.0).unwrap_or(usize::MAX)

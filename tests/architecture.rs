@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// The layers of `src/`, lowest first. Modules in one layer do not use each other; the binaries in
 /// `src/bin/` sit above them all.
 const LAYERS: &[&[&str]] = &[
-    &["units", "error", "codec"],
+    &["units", "error", "codec", "auth"],
     &["proto"],
     &["outcome"],
     &["handlers"],
@@ -25,7 +25,7 @@ fn layer(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
 }
 
-/// The order as `src/lib.rs` writes it: `units, error, codec < proto < … < server`.
+/// The order as `src/lib.rs` writes it: `units, error, codec, auth < proto < … < server`.
 fn written_order() -> String {
     LAYERS
         .iter()

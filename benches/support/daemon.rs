@@ -15,7 +15,8 @@ use super::procfs::{self, CpuTime};
 /// How long the daemon may take to log its address (a profiler wrapper makes start-up slow).
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// Warnings, and the server's own start-up and shutdown lines: the "serving" line has the address.
-const LOG_FILTER: &str = "log=warn,batchd::server=info";
+/// A bench that wants more passes `--set {LOG_FILTER},…` (the last `--set` of a field wins).
+pub const LOG_FILTER: &str = "log=warn,batchd::server=info";
 /// From the first SIGTERM to the second (which stops the daemon at once), and to SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 const KILL_AFTER: Duration = Duration::from_secs(6);

@@ -1,4 +1,5 @@
-//! What /proc says about a process: CPU time, RSS, threads, state, children; and about the machine.
+//! What /proc says about a process: CPU time, RSS, threads, state, children, its identity (pid and
+//! start time); which processes there are; and about the machine.
 
 use std::sync::OnceLock;
 
@@ -54,6 +55,39 @@ impl Stat {
     /// cutime + cstime, in ticks.
     pub fn children_ticks(&self) -> u64 {
         self.cutime + self.cstime
+    }
+}
+
+/// A process named by its pid and its start time, so that a reused pid is not taken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: i32,
+    /// Ticks since boot (`Stat::start`).
+    pub start: u64,
+}
+
+impl ProcId {
+    /// The process that has `pid` now, if any.
+    pub fn of(pid: i32) -> Option<Self> {
+        Stat::of(pid).map(|s| Self {
+            pid,
+            start: s.start,
+        })
+    }
+
+    /// Its `/proc/PID/stat`, or None once it is reaped (or its pid is another process's).
+    pub fn stat(self) -> Option<Stat> {
+        Stat::of(self.pid).filter(|s| s.start == self.start)
+    }
+
+    /// It has exited: a zombie, or reaped.
+    pub fn exited(self) -> bool {
+        self.stat().is_none_or(|s| s.state == 'Z')
+    }
+
+    /// It has been reaped: gone from /proc.
+    pub fn reaped(self) -> bool {
+        self.stat().is_none()
     }
 }
 
@@ -119,6 +153,22 @@ pub fn status_field(pid: i32, key: &str) -> u64 {
     status(pid).and_then(|s| status_value(&s, key)).unwrap_or(0)
 }
 
+/// The pids of every process in /proc now.
+pub fn pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The command name of `pid` (`/proc/PID/comm`, at most 15 bytes), or None once it is gone.
+pub fn comm(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(text.trim_end_matches('\n').to_owned())
+}
+
 /// The first child of `pid` (from `/proc/PID/task/PID/children`).
 pub fn first_child(pid: i32) -> Option<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -162,8 +212,8 @@ fn cpu_model() -> String {
         .map_or_else(|| "unknown CPU".into(), |s| s.trim().to_owned())
 }
 
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
+/// The 1, 5 and 15 minute load averages, e.g. `5.12 4.80 3.97`.
+pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split(' ')

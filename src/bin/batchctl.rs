@@ -1,18 +1,32 @@
-//! batchctl: run JSON Lines job files through a batchd daemon, and query it.
+//! batchctl: run JSON Lines job files and map files through a batchd daemon, and query it.
 
+use std::collections::HashSet;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use batchd::client::map::MapInputs;
 use batchd::client::{
-    self, ClientError, ClientTls, LineDefaults, Progress, RunOptions, Summary, Target,
+    self, CallOptions, ClientError, LineDefaults, MapOptions, Progress, RunOptions, Summary,
+    Template,
 };
+use batchd::proto::batch_service_client::BatchServiceClient;
 use batchd::telemetry::{ClientTelemetry, RunEnd, RunTrace};
 use batchd::units::ByteSize;
 use clap::{CommandFactory, Parser, Subcommand};
-use std::io::IsTerminal;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
+use tonic::transport::Channel;
+
+// mimalloc: with glibc's malloc, payload buffers of a few MiB, allocated and freed on different
+// threads, stay in its arenas (its mmap threshold rises to the largest block freed), so `map` over
+// large files held about twice --max-in-flight-bytes in RSS; mimalloc returns them (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every job ended ok.
 const EXIT_OK: u8 = 0;
@@ -29,46 +43,14 @@ const EXIT_INTERRUPTED: u8 = 130;
 #[derive(Debug, Parser)]
 #[command(name = "batchctl", version, max_term_width = 100)]
 struct Cli {
-    /// The daemon's address: http://HOST:PORT, or https://HOST:PORT for TLS
+    /// The daemon's address
     #[arg(long, global = true, env = "BATCHD_ENDPOINT", default_value = client::DEFAULT_ENDPOINT)]
     endpoint: String,
-    #[command(flatten)]
-    tls: TlsFlags,
+    /// File holding the bearer token for a daemon with principals (else $BATCHD_TOKEN, the token)
+    #[arg(long, global = true, env = "BATCHD_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
-}
-
-/// TLS of an https:// endpoint. The variables are not BATCHD_TLS_CERT/KEY: those set the daemon's own.
-#[derive(Debug, clap::Args)]
-#[command(next_help_heading = "TLS (https:// endpoints)")]
-struct TlsFlags {
-    /// CA certificates (PEM) that sign the daemon's certificate [default: the system's]
-    #[arg(long, global = true, env = "BATCHD_TLS_CA", value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a daemon that requires one (mTLS); with --tls-key
-    #[arg(
-        long,
-        global = true,
-        env = "BATCHD_TLS_CLIENT_CERT",
-        value_name = "FILE"
-    )]
-    tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert
-    #[arg(
-        long,
-        global = true,
-        env = "BATCHD_TLS_CLIENT_KEY",
-        value_name = "FILE"
-    )]
-    tls_key: Option<PathBuf>,
-    /// Name the daemon's certificate must hold [default: the endpoint's host]
-    #[arg(
-        long,
-        global = true,
-        env = "BATCHD_TLS_SERVER_NAME",
-        value_name = "NAME"
-    )]
-    tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +60,14 @@ enum Command {
     /// Each line is a job: {"id": "…", "handler": "…", "payload": "text"} or "payload_b64": "…",
     /// optional "params": {…}, "timeout_ms": N, "batch": "…". A missing id defaults to the line number.
     Run(RunArgs),
+    /// Run HANDLER on each file: files in, outputs to files (--out) or as JSON Lines
+    ///
+    /// Each file is one job whose payload is the file's bytes and whose id is its path. Without
+    /// paths, or with "-", paths are read from stdin (one a line, or NUL-separated with -0).
+    /// --param values and --out take GNU parallel's replacement strings: {} the path, {/} its
+    /// basename, {//} its dirname, {.} the path without extension, {/.} the basename without
+    /// extension, {#} the job number; {{ and }} write braces.
+    Map(MapArgs),
     /// List the daemon's handlers
     Handlers,
     /// Check the daemon's health (exit 0 when SERVING)
@@ -96,27 +86,71 @@ struct RunArgs {
     /// Write results here instead of stdout
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Handler for lines that do not name one
+    #[arg(long)]
+    handler: Option<String>,
+    /// Write results in input order (a bounded reorder buffer)
+    #[arg(long)]
+    ordered: bool,
+    #[command(flatten)]
+    call: CallArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct MapArgs {
+    /// The handler that runs on each file
+    handler: String,
+    /// Files (directories with -r); "-" or nothing reads paths from stdin
+    paths: Vec<PathBuf>,
+    /// Paths on stdin are separated by NUL, not newline (find -print0)
+    #[arg(long = "null", short = '0')]
+    null: bool,
+    /// Walk directories: their regular files, depth first in name order
+    #[arg(long, short = 'r')]
+    recursive: bool,
+    /// Follow symbolic links met while walking (named paths are always followed)
+    #[arg(long, requires = "recursive")]
+    follow: bool,
+    /// A param of every job, e.g. size=100x100 or name={/.}; repeatable
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
+    params: Vec<(String, Template)>,
+    /// Write each ok job's output to this file (atomically; directories made), e.g. 'out/{/.}.png';
+    /// without it, results are JSON Lines on stdout
+    #[arg(long, value_name = "TEMPLATE", value_parser = parse_out)]
+    out: Option<Template>,
+    /// Skip files whose output file already exists
+    #[arg(long, requires = "out")]
+    skip_existing: bool,
+    /// Write JSON Lines results in input order (a bounded reorder buffer)
+    #[arg(long, conflicts_with = "out")]
+    ordered: bool,
+    #[command(flatten)]
+    call: CallArgs,
+}
+
+/// What `run` and `map` share: how jobs are sent, bounded, retried and logged.
+#[derive(Debug, clap::Args)]
+struct CallArgs {
     /// Jobs per batch sent to the daemon
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: u32,
     /// Largest request message (e.g. 4MiB): a batch is sent before it would grow past it, and a job
-    /// too large to fit alone is a bad line. Keep it at most the daemon's max_message_size
+    /// too large to fit alone is skipped as a bad input. Keep it at most the daemon's
+    /// max_message_size
     #[arg(long, value_name = "SIZE", value_parser = parse_max_message,
           default_value_t = ByteSize(client::DEFAULT_MAX_MESSAGE as u64))]
     max_message: ByteSize,
-    /// Write results in input order (a bounded reorder buffer)
-    #[arg(long)]
-    ordered: bool,
     /// Most jobs sent and not yet written out
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
     max_in_flight: u32,
-    /// Handler for lines that do not name one
-    #[arg(long)]
-    handler: Option<String>,
+    /// Most payload bytes read and not yet answered (a larger job alone is still sent)
+    #[arg(long, value_name = "SIZE", value_parser = ByteSize::parse,
+          default_value_t = ByteSize(client::DEFAULT_MAX_IN_FLIGHT_BYTES as u64))]
+    max_in_flight_bytes: ByteSize,
     /// Timeout for jobs that set none, in milliseconds
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
-    /// Batch name for lines that do not name one
+    /// Batch name for jobs that do not name one
     #[arg(long, default_value = "")]
     batch: String,
     /// Deadline of the whole run, e.g. 10m; the daemon stops every job when it passes
@@ -125,7 +159,8 @@ struct RunArgs {
     /// Resend jobs that end failed or timed_out up to N times, with exponential backoff
     #[arg(long, value_name = "N", default_value_t = 0)]
     retry: u32,
-    /// Stop at the first bad input line
+    /// Stop at the first bad input (a line that is not a job; a file unreadable, too large or a
+    /// duplicate)
     #[arg(long)]
     strict: bool,
     /// Append each finished job's id and outcome to FILE
@@ -152,20 +187,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_NOT_OK);
         }
     };
-    let endpoint = Target::with_tls(
-        cli.endpoint,
-        ClientTls {
-            ca: cli.tls.tls_ca,
-            cert: cli.tls.tls_cert,
-            key: cli.tls.tls_key,
-            server_name: cli.tls.tls_server_name,
-        },
-    );
+    let token = match client::Token::from_file_or_env(
+        cli.token_file.as_deref(),
+        std::env::var("BATCHD_TOKEN").ok(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("batchctl: {e}");
+            return ExitCode::from(EXIT_INPUT);
+        }
+    };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => traced_run(&endpoint, args).await,
-            Command::Handlers => handlers(&endpoint).await,
-            Command::Health => health(&endpoint).await,
+            Command::Run(args) => traced(&cli.endpoint, token, Work::Run(args)).await,
+            Command::Map(args) => traced(&cli.endpoint, token, Work::Map(args)).await,
+            Command::Handlers => handlers(&cli.endpoint, token).await,
+            Command::Health => health(&cli.endpoint).await,
             Command::Completions { shell } => {
                 let mut script = Vec::new();
                 clap_complete::generate(shell, &mut Cli::command(), "batchctl", &mut script);
@@ -197,7 +234,7 @@ impl From<ClientError> for Fail {
             ClientError::Unreachable { .. } | ClientError::Certificate { .. } => EXIT_UNREACHABLE,
             ClientError::BadEndpoint(..)
             | ClientError::Tls(_)
-            | ClientError::BadLine(_)
+            | ClientError::Bad(_)
             | ClientError::Input(_) => EXIT_INPUT,
             ClientError::JobLog(_) | ClientError::Output(_) | ClientError::Call(_) => EXIT_NOT_OK,
         };
@@ -233,15 +270,99 @@ fn name(path: Option<&Path>, default: &str) -> String {
     path.map_or_else(|| default.to_owned(), |p| p.display().to_string())
 }
 
-/// `run` inside a `batchctl.run` span when an OTLP endpoint is configured (`OTEL_*` variables);
-/// the span is exported before batchctl exits, within a bounded time.
-async fn traced_run(endpoint: &Target, args: RunArgs) -> Result<u8, Fail> {
+/// Ctrl-C while batchctl runs jobs: the first one stops the run (the call is cancelled, so the
+/// daemon stops every job of it), and a second one, at any time, exits 130 at once, as does any
+/// Ctrl-C once the run is over (while the trace is exported).
+struct CtrlC {
+    /// Presses so far, and whether the run is over; one lock, so that a press and the end of the
+    /// run are seen in one order by both sides.
+    state: Arc<Mutex<(u32, bool)>>,
+    presses: watch::Receiver<u32>,
+    _watcher: AbortOnDropHandle<()>,
+}
+
+impl CtrlC {
+    /// Starts listening; until then (and without it) Ctrl-C ends the process as usual.
+    fn listen() -> Self {
+        let (tx, presses) = watch::channel(0u32);
+        let state = Arc::new(Mutex::new((0u32, false)));
+        let shared = Arc::clone(&state);
+        let mut signals =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+        let watcher = tokio::spawn(async move {
+            let Some(signals) = &mut signals else {
+                return;
+            };
+            while signals.recv().await.is_some() {
+                let n = {
+                    let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    state.0 += 1;
+                    if state.0 >= 2 || state.1 {
+                        exit_interrupted(state.0 >= 2);
+                    }
+                    state.0
+                };
+                let _ = tx.send(n);
+            }
+        });
+        Self {
+            state,
+            presses,
+            _watcher: AbortOnDropHandle::new(watcher),
+        }
+    }
+
+    /// Completes at the first Ctrl-C.
+    fn first(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let mut presses = self.presses.clone();
+        async move {
+            if presses.wait_for(|n| *n >= 1).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The run is over (`interrupted`: by Ctrl-C): from now on any Ctrl-C exits at once, and so
+    /// does one that came after the run stopped listening.
+    fn finishing(&self, interrupted: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 = true;
+        if state.0 > 0 && !interrupted {
+            exit_interrupted(false);
+        }
+    }
+}
+
+/// Exits 130 at once (`again`: at a second Ctrl-C), never leaving a map output half-written.
+fn exit_interrupted(again: bool) -> ! {
+    let _held = client::map::hold_outputs();
+    let again = if again { " again" } else { "" };
+    eprintln!("\nbatchctl: interrupted{again}; exiting now");
+    std::process::exit(i32::from(EXIT_INTERRUPTED));
+}
+
+/// The work of a traced command.
+enum Work {
+    Run(RunArgs),
+    Map(MapArgs),
+}
+
+/// `run` or `map` inside a `batchctl.run` span when an OTLP endpoint is configured (`OTEL_*`
+/// variables); the span is exported before batchctl exits, within a bounded time.
+async fn traced(endpoint: &str, token: Option<client::Token>, work: Work) -> Result<u8, Fail> {
+    // Listening starts before anything else, so that even a Ctrl-C while connecting ends with a
+    // summary; it goes on until batchctl exits, so that a second one is never ignored.
+    let ctrl_c = CtrlC::listen();
     let telemetry = ClientTelemetry::from_env().unwrap_or_else(|e| {
         eprintln!("batchctl: tracing off: {e}");
         ClientTelemetry::disabled()
     });
-    let mut trace = telemetry.start_run("Process", &endpoint.endpoint);
-    let res = run(endpoint, args, &mut trace).await;
+    let mut trace = telemetry.start_run("Process", endpoint);
+    let res = match work {
+        Work::Run(args) => run(endpoint, args, token, &mut trace, ctrl_c.first()).await,
+        Work::Map(args) => map(endpoint, args, token, &mut trace, ctrl_c.first()).await,
+    };
+    ctrl_c.finishing(matches!(res, Ok(EXIT_INTERRUPTED)));
     let (end, code) = match &res {
         Ok(code) if *code == EXIT_INTERRUPTED => (RunEnd::Cancelled, *code),
         Ok(code) => (RunEnd::Completed, *code),
@@ -254,149 +375,153 @@ async fn traced_run(endpoint: &Target, args: RunArgs) -> Result<u8, Fail> {
     res
 }
 
-async fn run(endpoint: &Target, args: RunArgs, trace: &mut RunTrace) -> Result<u8, Fail> {
-    let file = args.file.clone().filter(|p| p.as_os_str() != "-");
-    let input_name = name(file.as_deref(), "stdin");
-    let output_name = name(args.output.as_deref(), "stdout");
-    let joblog_name = name(args.joblog.as_deref(), "");
+/// What a failed call or input means for the exit code, with the names of what was being read
+/// and written put into the message.
+struct Names {
+    input: String,
+    output: String,
+    joblog: String,
+}
 
-    // First Ctrl-C cancels the run; a second one exits at once. Listening starts before anything
-    // else, so that even a Ctrl-C while connecting ends with a summary.
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
-    let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = first_tx.send(());
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\nbatchctl: interrupted again; exiting now");
-                std::process::exit(i32::from(EXIT_INTERRUPTED));
+impl Names {
+    fn fail(&self, e: ClientError) -> Fail {
+        match e {
+            ClientError::Input(e) => {
+                Fail::io(EXIT_INPUT, format!("cannot read {}", self.input), &e)
             }
+            ClientError::Output(e) => {
+                Fail::io(EXIT_NOT_OK, format!("cannot write {}", self.output), &e)
+            }
+            ClientError::JobLog(e) => Fail::io(EXIT_NOT_OK, format!("job log {}", self.joblog), &e),
+            e => Fail::from(e),
         }
-    });
-    let res = run_jobs(
-        endpoint,
-        args,
-        file,
-        first_rx,
-        trace,
-        [&input_name, &output_name, &joblog_name],
-    )
-    .await;
-    watcher.abort();
-    res.map_err(|e| match e {
-        RunFail::Fail(f) => f,
-        RunFail::Client(ClientError::Input(e)) => {
-            Fail::io(EXIT_INPUT, format!("cannot read {input_name}"), &e)
-        }
-        RunFail::Client(ClientError::Output(e)) => {
-            Fail::io(EXIT_NOT_OK, format!("cannot write {output_name}"), &e)
-        }
-        RunFail::Client(ClientError::JobLog(e)) => {
-            Fail::io(EXIT_NOT_OK, format!("job log {joblog_name}"), &e)
-        }
-        RunFail::Client(e) => Fail::from(endpoint.explain(e)),
-    })
-}
-
-/// A failure of `run_jobs`, before the paths are put into the message.
-enum RunFail {
-    Fail(Fail),
-    Client(ClientError),
-}
-
-impl From<ClientError> for RunFail {
-    fn from(e: ClientError) -> Self {
-        Self::Client(e)
     }
 }
 
-async fn run_jobs(
-    endpoint: &Target,
+impl CallArgs {
+    fn options(&self, trace: &RunTrace, token: Option<client::Token>) -> CallOptions {
+        CallOptions {
+            batch_size: self.batch_size as usize,
+            max_message: self.max_message.as_usize(),
+            max_in_flight: self.max_in_flight as usize,
+            max_in_flight_bytes: self.max_in_flight_bytes.as_usize(),
+            retry: self.retry,
+            strict: self.strict,
+            deadline: self.deadline,
+            trace: Some(trace.headers().clone()),
+            token,
+            ..CallOptions::default()
+        }
+    }
+
+    /// The ids the job log records as ok, with `--resume`.
+    async fn skip(&self, joblog_name: &str) -> Result<HashSet<String>, Fail> {
+        match (&self.joblog, self.resume) {
+            (Some(path), true) => match tokio::fs::read_to_string(path).await {
+                Ok(text) => Ok(client::ok_ids(&text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+                Err(e) => Err(Fail::io(
+                    EXIT_INPUT,
+                    format!("cannot read job log {joblog_name}"),
+                    &e,
+                )),
+            },
+            _ => Ok(HashSet::new()),
+        }
+    }
+
+    /// The job log, opened for appending.
+    async fn open_joblog(&self, joblog_name: &str) -> Result<Option<tokio::fs::File>, Fail> {
+        let Some(path) = &self.joblog else {
+            return Ok(None);
+        };
+        tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map(Some)
+            .map_err(|e| {
+                Fail::io(
+                    EXIT_NOT_OK,
+                    format!("cannot open job log {joblog_name}"),
+                    &e,
+                )
+            })
+    }
+
+    fn progress(&self) -> Progress {
+        Progress::new(!self.quiet && std::io::stderr().is_terminal())
+    }
+}
+
+/// Connects, or gives up at the first Ctrl-C.
+async fn connect_or_interrupt(
+    endpoint: &str,
+    interrupt: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Result<Option<BatchServiceClient<Channel>>, Fail> {
+    tokio::select! {
+        c = client::connect(endpoint) => Ok(Some(c?)),
+        () = interrupt => {
+            eprintln!("batchctl: interrupted before any job was sent");
+            Ok(None)
+        }
+    }
+}
+
+async fn run(
+    endpoint: &str,
     args: RunArgs,
-    file: Option<PathBuf>,
-    interrupted: tokio::sync::oneshot::Receiver<()>,
+    token: Option<client::Token>,
     trace: &mut RunTrace,
-    [input_name, output_name, joblog_name]: [&String; 3],
-) -> Result<u8, RunFail> {
-    let io = |code, what: String| move |e: std::io::Error| RunFail::Fail(Fail::io(code, what, &e));
-    let skip = match (&args.joblog, args.resume) {
-        (Some(path), true) => match tokio::fs::read_to_string(path).await {
-            Ok(text) => client::ok_ids(&text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
-            Err(e) => return Err(io(EXIT_INPUT, format!("cannot read job log {joblog_name}"))(e)),
-        },
-        _ => Default::default(),
+    interrupt: impl std::future::Future<Output = ()>,
+) -> Result<u8, Fail> {
+    let file = args.file.clone().filter(|p| p.as_os_str() != "-");
+    let names = Names {
+        input: name(file.as_deref(), "stdin"),
+        output: name(args.output.as_deref(), "stdout"),
+        joblog: name(args.call.joblog.as_deref(), ""),
     };
     let opts = RunOptions {
-        batch_size: args.batch_size as usize,
-        max_message: args.max_message.as_usize(),
-        max_in_flight: args.max_in_flight as usize,
         ordered: args.ordered,
-        retry: args.retry,
-        strict: args.strict,
         defaults: LineDefaults {
             handler: args.handler,
-            timeout_ms: args.timeout_ms,
-            batch: args.batch,
+            timeout_ms: args.call.timeout_ms,
+            batch: args.call.batch.clone(),
         },
-        deadline: args.deadline,
-        skip,
-        trace: Some(trace.headers().clone()),
-        ..RunOptions::default()
+        skip: args.call.skip(&names.joblog).await?,
+        ..RunOptions::with_call(args.call.options(trace, token))
     };
     let input: Box<dyn AsyncRead + Unpin + Send> = match &file {
         Some(path) => Box::new(
             tokio::fs::File::open(path)
                 .await
-                .map_err(io(EXIT_INPUT, format!("cannot read {input_name}")))?,
+                .map_err(|e| Fail::io(EXIT_INPUT, format!("cannot read {}", names.input), &e))?,
         ),
         None => Box::new(tokio::io::stdin()),
     };
-    let output: Box<dyn AsyncWrite + Unpin + Send> = match &args.output {
-        Some(path) => Box::new(
-            tokio::fs::File::create(path)
-                .await
-                .map_err(io(EXIT_NOT_OK, format!("cannot write {output_name}")))?,
-        ),
-        None => Box::new(tokio::io::stdout()),
-    };
-    let joblog = match &args.joblog {
-        Some(path) => Some(
-            tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .await
-                .map_err(io(
-                    EXIT_NOT_OK,
-                    format!("cannot open job log {joblog_name}"),
-                ))?,
-        ),
-        None => None,
-    };
+    let output: Box<dyn AsyncWrite + Unpin + Send> =
+        match &args.output {
+            Some(path) => Box::new(tokio::fs::File::create(path).await.map_err(|e| {
+                Fail::io(EXIT_NOT_OK, format!("cannot write {}", names.output), &e)
+            })?),
+            None => Box::new(tokio::io::stdout()),
+        };
+    let joblog = args.call.open_joblog(&names.joblog).await?;
 
-    let mut progress = Progress::new(!args.quiet && std::io::stderr().is_terminal());
+    let progress = args.call.progress();
     // The total is known for files: count their lines off the runtime while the jobs run.
-    let counter = file.clone().map(|path| {
+    let _counter = file.clone().map(|path| {
         let total = progress.total();
-        tokio::task::spawn_blocking(move || {
+        AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
             if let Ok(n) = count_lines(&path) {
                 total.store(n, Ordering::Relaxed);
             }
-        })
+        }))
     });
-    let interrupt = async {
-        if interrupted.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::pin!(interrupt);
-
-    let mut client = tokio::select! {
-        c = client::connect_to(endpoint) => c?,
-        () = &mut interrupt => {
-            eprintln!("batchctl: interrupted before any job was sent");
-            return Ok(EXIT_INTERRUPTED);
-        }
+    let mut interrupt = std::pin::pin!(interrupt);
+    let Some(mut client) = connect_or_interrupt(endpoint, &mut interrupt).await? else {
+        return Ok(EXIT_INTERRUPTED);
     };
     let (summary, res) = client::run(
         &mut client,
@@ -404,18 +529,113 @@ async fn run_jobs(
         output,
         joblog,
         &opts,
-        &mut progress,
+        &progress,
         interrupt,
     )
     .await;
-    trace.record(&summary);
-    drop(progress);
-    if let Some(counter) = counter {
-        counter.abort();
-    }
+    finish(trace, &summary, res.map_err(|e| names.fail(e)))
+}
+
+async fn map(
+    endpoint: &str,
+    args: MapArgs,
+    token: Option<client::Token>,
+    trace: &mut RunTrace,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> Result<u8, Fail> {
+    let names = Names {
+        input: "the list of paths".into(),
+        output: if args.out.is_some() {
+            "an output".into()
+        } else {
+            "stdout".into()
+        },
+        joblog: name(args.call.joblog.as_deref(), ""),
+    };
+    let opts = MapOptions {
+        call: args.call.options(trace, token),
+        handler: args.handler,
+        params: args.params,
+        out: args.out,
+        skip_existing: args.skip_existing,
+        ordered: args.ordered,
+        timeout: args.call.timeout_ms.map(Duration::from_millis),
+        batch: args.call.batch.clone(),
+        skip: args.call.skip(&names.joblog).await?,
+    };
+    let reads_list = args.paths.is_empty() || args.paths.iter().any(|p| p.as_os_str() == "-");
+    let inputs = MapInputs {
+        list: reads_list.then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        paths: args.paths,
+        null: args.null,
+        recursive: args.recursive,
+        follow: args.follow,
+    };
+    let joblog = args.call.open_joblog(&names.joblog).await?;
+
+    let progress = args.call.progress();
+    // The total is known for named paths: count them (walking directories) off the runtime.
+    let counting = MapInputs {
+        paths: inputs.paths.clone(),
+        list: None,
+        null: false,
+        recursive: inputs.recursive,
+        follow: inputs.follow,
+    };
+    let total = progress.total();
+    let _counter = (!reads_list && progress.is_drawn()).then(|| {
+        AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
+            if let Some(n) = client::map::count_inputs(&counting) {
+                total.store(n, Ordering::Relaxed);
+            }
+        }))
+    });
+    let mut interrupt = std::pin::pin!(interrupt);
+    let Some(mut client) = connect_or_interrupt(endpoint, &mut interrupt).await? else {
+        return Ok(EXIT_INTERRUPTED);
+    };
+    let (summary, res) = client::map(
+        &mut client,
+        inputs,
+        tokio::io::stdout(),
+        joblog,
+        &opts,
+        &progress,
+        interrupt,
+    )
+    .await;
+    finish(trace, &summary, res.map_err(|e| names.fail(e)))
+}
+
+/// Records the run, prints its summary and turns it into the exit code.
+fn finish(trace: &mut RunTrace, summary: &Summary, res: Result<(), Fail>) -> Result<u8, Fail> {
+    trace.record(summary);
     eprintln!("batchctl: {}", summary.line());
     res?;
-    Ok(code_of(&summary))
+    Ok(code_of(summary))
+}
+
+/// `KEY=VALUE` of `--param`, the value a template.
+fn parse_param(s: &str) -> Result<(String, Template), String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    let value = Template::parse(value).map_err(|e| e.to_string())?;
+    Ok((key.to_owned(), value))
+}
+
+/// `--out`: a template with at least one replacement string (else every file writes one output).
+fn parse_out(s: &str) -> Result<Template, String> {
+    let t = Template::parse(s).map_err(|e| e.to_string())?;
+    if !t.varies() {
+        return Err(format!(
+            "{s:?} has no replacement string ({{}}, {{/.}}, …): every file would write the same output"
+        ));
+    }
+    Ok(t)
 }
 
 /// `--max-message`: a size between 1KiB and 4GiB, the bounds of the daemon's `max_message_size`.
@@ -430,7 +650,7 @@ fn parse_max_message(s: &str) -> Result<ByteSize, String> {
 fn code_of(s: &Summary) -> u8 {
     if s.interrupted {
         EXIT_INTERRUPTED
-    } else if s.bad_lines > 0 {
+    } else if s.bad_inputs() > 0 {
         EXIT_INPUT
     } else if s.all_ok() {
         EXIT_OK
@@ -455,12 +675,16 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     Ok(n + u64::from(last != b'\n'))
 }
 
-async fn handlers(endpoint: &Target) -> Result<u8, Fail> {
-    let mut client = client::connect_to(endpoint).await?;
+async fn handlers(endpoint: &str, token: Option<client::Token>) -> Result<u8, Fail> {
+    let mut client = client::connect(endpoint).await?;
+    let mut request = tonic::Request::new(batchd::proto::ListHandlersRequest {});
+    if let Some(token) = token {
+        token.insert_into(request.metadata_mut());
+    }
     let list = client
-        .list_handlers(batchd::proto::ListHandlersRequest {})
+        .list_handlers(request)
         .await
-        .map_err(|status| endpoint.explain(ClientError::from_status(status)))?
+        .map_err(ClientError::from_status)?
         .into_inner();
     let width = list
         .handlers
@@ -475,17 +699,17 @@ async fn handlers(endpoint: &Target) -> Result<u8, Fail> {
     print(text.as_bytes())
 }
 
-async fn health(endpoint: &Target) -> Result<u8, Fail> {
+async fn health(endpoint: &str) -> Result<u8, Fail> {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let channel = client::channel_to(endpoint).await?;
+    let channel = client::channel(endpoint).await?;
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
-        .map_err(|status| endpoint.explain(ClientError::from_status(status)))?
+        .map_err(ClientError::from_status)?
         .into_inner()
         .status();
     print(format!("{}\n", status.as_str_name()).as_bytes())?;

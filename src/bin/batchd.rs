@@ -8,7 +8,7 @@ use batchd::config::{Config, ConfigError, Flags};
 use batchd::handlers::exec::{self, Reaper};
 use batchd::server::systemd::{self, Systemd};
 use batchd::server::tls::Tls;
-use batchd::{Registry, Server};
+use batchd::{Engine, Registry, Server};
 use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -42,12 +42,15 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return config_error(&ConfigError::from(e)),
     };
+    if let Err(e) = batchd::auth::check_handlers(&config.principal, |h| registry.get(h).is_some()) {
+        return config_error(&ConfigError::from(e));
+    }
     // The TLS files are read before anything binds: a bad one is a config error (exit 64).
     let tls = match Tls::from_config(&config) {
         Ok(tls) => tls,
         Err(e) => return config_error(&e),
     };
-    match run(config, registry, reaper, tls) {
+    match run(config, registry, reaper, &cli.flags, tls) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -67,6 +70,7 @@ async fn run(
     config: Config,
     registry: Registry,
     reaper: Reaper,
+    flags: &Flags,
     tls: Option<Tls>,
 ) -> anyhow::Result<()> {
     // Installed first and kept to the end: tokio's handler stays installed once a signal is
@@ -76,7 +80,7 @@ async fn run(
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
     // Subreaper, clean-up after a crashed instance, isolation logged: before serving.
     exec::start_up(&reaper);
-    let res = serve(config, registry, &reaper, &telemetry, &mut signals, tls).await;
+    let res = serve(config, registry, &reaper, &telemetry, &mut signals, flags, tls).await;
     let finish = async {
         // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
         // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
@@ -108,6 +112,7 @@ async fn serve(
     reaper: &Reaper,
     telemetry: &batchd::telemetry::Telemetry,
     signals: &mut Signals,
+    flags: &Flags,
     tls: Option<Tls>,
 ) -> anyhow::Result<()> {
     // Socket activation: systemd's sockets, bound before the daemon starts, replace `listen` and
@@ -130,6 +135,7 @@ async fn serve(
             .await
             .with_context(|| format!("binding the admin listener {}", config.admin_listen))?,
     };
+    let listen = listener.local_addr()?;
     let mut server = Server::new(config, registry).with_admin(admin);
     if let Some(tls) = &tls {
         server = server.with_tls(tls.clone());
@@ -141,7 +147,8 @@ async fn serve(
         );
         server = server.with_systemd(systemd);
     }
-    telemetry.push_metrics(server.engine());
+    let engine = server.engine().clone();
+    telemetry.push_metrics(&engine);
     let stop = tokio_util::sync::CancellationToken::new();
     let serve = server.serve(listener, stop.clone().cancelled_owned());
     tokio::pin!(serve);
@@ -153,7 +160,7 @@ async fn serve(
                     tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)");
                     break;
                 }
-                None => reload(tls.as_ref()),
+                None => reload(flags, &engine, listen, tls.as_ref()),
             },
         }
     }
@@ -164,16 +171,41 @@ async fn serve(
     }
 }
 
-/// SIGHUP: reads again what changes without a restart: the TLS certificate, key and client CAs
-/// (their files also reload by themselves when they change). A file that does not load leaves the
-/// one in force; `Tls::reload` logs either outcome.
-fn reload(tls: Option<&Tls>) {
-    match tls {
-        Some(tls) => {
-            tracing::info!("SIGHUP: reloading the TLS files");
-            let _ = tls.reload();
+/// SIGHUP: reads again what changes without a restart. The TLS certificate, key and client CAs
+/// (their files also reload by themselves when they change; a file that does not load leaves the
+/// one in force, and `Tls::reload` logs either outcome). Then the principals (tokens, quotas,
+/// weights, handlers) and `reflection_open` of the config as it is now, for calls opened from now
+/// on: a config that would not start is refused with the same message, and the principals in force
+/// stay. Other fields, the TLS file paths included, take effect at the next start.
+fn reload(flags: &Flags, engine: &Engine, listen: std::net::SocketAddr, tls: Option<&Tls>) {
+    if let Some(tls) = tls {
+        tracing::info!("SIGHUP: reloading the TLS files");
+        let _ = tls.reload();
+    }
+    let loaded = Config::load(flags, std::env::vars()).and_then(|c| {
+        let known = |h: &str| engine.registry().get(h).is_some();
+        batchd::auth::check_handlers(&c.principal, known)?;
+        Ok(c)
+    });
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: reload refused, the principals in force stay: {e}");
+            return;
         }
-        None => tracing::info!("SIGHUP: TLS is off; nothing to reload"),
+    };
+    match engine.set_principals(&config.principal, config.reflection_open) {
+        Ok(n) => {
+            tracing::info!(
+                principals = n,
+                "SIGHUP: principals reloaded (other fields take effect at the next start)"
+            );
+            batchd::server::warn_plaintext_tokens(&config, listen, tls.is_some());
+        }
+        Err(e) => tracing::error!(
+            "SIGHUP: reload refused, the principals in force stay: {}",
+            ConfigError::from(e)
+        ),
     }
 }
 

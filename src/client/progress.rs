@@ -1,35 +1,68 @@
-//! The progress line on stderr (done/total, rate, ETA, counts per outcome) and the final summary.
+//! The progress line on stderr (done/total, rate, ETA, counts per outcome), drawn by `indicatif`,
+//! and messages printed above it.
 
-use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
+
 use super::Summary;
 
-/// How often the progress line is redrawn.
-const REDRAW: Duration = Duration::from_millis(100);
+/// Redraws per second, at most.
+const REDRAW_HZ: u8 = 10;
+/// Least time between two updates of the line's figures (each costs indicatif's lock and the
+/// counts' formatting; results may come thousands of times a second).
+const UPDATE_EVERY: Duration = Duration::from_millis(50);
+/// How often the line is redrawn while no result arrives (elapsed time and ETA move on).
+const STEADY_TICK: Duration = Duration::from_millis(500);
+/// The line when the total is known.
+const WITH_TOTAL: &str = "{pos}/{len} {percent}% {per_sec:0} ETA {eta} | {wide_msg}";
+/// The line when it is not (stdin, or before the count is done).
+const WITHOUT_TOTAL: &str = "{pos} done {per_sec:0} | {wide_msg}";
 
-/// Draws progress on stderr when enabled; prints messages above it.
-#[derive(Debug)]
+/// Draws progress on stderr when enabled; prints messages above it. Clones draw the same line.
+#[derive(Debug, Clone)]
 pub struct Progress {
-    enabled: bool,
-    total: Arc<AtomicU64>,
-    start: Instant,
-    last: Option<Instant>,
+    bar: ProgressBar,
+    /// Whether the bar is drawn at all (read once: asking the bar takes its lock).
     drawn: bool,
+    total: Arc<AtomicU64>,
+    /// Whether the bar has a length (the style in use).
+    sized: Arc<AtomicBool>,
+    start: Instant,
+    /// When the figures may be updated next, in milliseconds since `start`.
+    next_update: Arc<AtomicU64>,
 }
+
+// === impl Progress ===
 
 impl Progress {
     /// A progress line, drawn only when `enabled` (stderr is a terminal and not `--quiet`).
     pub fn new(enabled: bool) -> Self {
+        let bar = if enabled {
+            let bar =
+                ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(REDRAW_HZ))
+                    .with_finish(ProgressFinish::AndClear);
+            bar.set_style(style(WITHOUT_TOTAL));
+            bar.enable_steady_tick(STEADY_TICK);
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
         Self {
-            enabled,
+            drawn: !bar.is_hidden(),
+            bar,
             total: Arc::new(AtomicU64::new(0)),
+            sized: Arc::new(AtomicBool::new(false)),
             start: Instant::now(),
-            last: None,
-            drawn: false,
+            next_update: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Whether the line is drawn (so that counting the input's total is worth it).
+    pub fn is_drawn(&self) -> bool {
+        self.drawn
     }
 
     /// Where a background count stores the number of jobs in the input (0: unknown).
@@ -37,71 +70,42 @@ impl Progress {
         Arc::clone(&self.total)
     }
 
-    /// Redraws the line if it is due.
-    pub fn tick(&mut self, s: &Summary) {
-        if !self.enabled || self.last.is_some_and(|t| t.elapsed() < REDRAW) {
+    /// Updates the line from the run's counts, at most every [`UPDATE_EVERY`].
+    pub fn tick(&self, s: &Summary) {
+        if !self.drawn {
             return;
         }
-        self.last = Some(Instant::now());
-        let line = self.line(s);
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[2K{line}");
-        let _ = err.flush();
-        self.drawn = true;
+        let now = self.start.elapsed().as_millis() as u64;
+        if now < self.next_update.load(Ordering::Relaxed) {
+            return;
+        }
+        self.next_update
+            .store(now + UPDATE_EVERY.as_millis() as u64, Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        if total > 0 {
+            if !self.sized.swap(true, Ordering::Relaxed) {
+                self.bar.set_style(style(WITH_TOTAL));
+            }
+            self.bar
+                .set_length(total.saturating_sub(s.skipped + s.bad_inputs()));
+        }
+        self.bar.set_position(s.done);
+        self.bar.set_message(s.counts());
     }
 
-    /// Prints `msg` on its own line, above the progress line.
-    pub fn message(&mut self, msg: &str) {
-        self.clear();
-        eprintln!("{msg}");
+    /// Prints `msg` on its own line on stderr, above the progress line.
+    pub fn message(&self, msg: &str) {
+        self.bar.suspend(|| eprintln!("{msg}"));
     }
 
     /// Removes the progress line.
-    pub fn clear(&mut self) {
-        if self.drawn {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[2K");
-            let _ = err.flush();
-            self.drawn = false;
-        }
-    }
-
-    fn line(&self, s: &Summary) -> String {
-        let elapsed = self.start.elapsed().as_secs_f64().max(1e-3);
-        let rate = s.done as f64 / elapsed;
-        let total = self
-            .total
-            .load(Ordering::Relaxed)
-            .saturating_sub(s.skipped + s.bad_lines);
-        let mut line = if total > 0 {
-            let pct = 100.0 * s.done as f64 / total as f64;
-            let eta = if rate > 0.0 && total > s.done {
-                format_secs((total - s.done) as f64 / rate)
-            } else {
-                "-".into()
-            };
-            format!("{}/{} {pct:.0}% {rate:.0}/s ETA {eta}", s.done, total)
-        } else {
-            format!("{} done {rate:.0}/s", s.done)
-        };
-        line.push_str(&format!(" | {}", s.counts()));
-        line
+    pub fn clear(&self) {
+        self.bar.finish_and_clear();
     }
 }
 
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.clear();
-    }
-}
-
-fn format_secs(secs: f64) -> String {
-    let secs = secs.round() as u64;
-    match secs {
-        0..=59 => format!("{secs}s"),
-        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
-        _ => format!("{}h{:02}m", secs / 3600, secs / 60 % 60),
-    }
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
 #[cfg(test)]
@@ -109,9 +113,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn eta_formats() {
-        assert_eq!(format_secs(5.2), "5s");
-        assert_eq!(format_secs(125.0), "2m05s");
-        assert_eq!(format_secs(7300.0), "2h01m");
+    fn the_templates_parse() {
+        for t in [WITH_TOTAL, WITHOUT_TOTAL] {
+            assert!(ProgressStyle::with_template(t).is_ok(), "{t}");
+            // In `{key:…}`, what follows a dot is a colour: `{per_sec:.0}` drew the rate black.
+            assert!(!t.contains(":."), "{t}");
+        }
     }
 }

@@ -395,3 +395,74 @@ fn deploy_exec_example_is_valid() {
     assert_eq!(c.exec.len(), 1, "{example}");
     assert_eq!(c.exec[0].name, "thumbnail");
 }
+
+/// The commented `[[principal]]` example in deploy/batchd.toml, uncommented, is a valid config.
+#[test]
+fn deploy_principal_example_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/batchd.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text
+        .lines()
+        .position(|l| l == "# [[principal]]")
+        .expect("deploy/batchd.toml shows a commented [[principal]] example");
+    let example: String = text
+        .lines()
+        .skip(start)
+        .map_while(|l| l.strip_prefix("# "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let c = load_file(&example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+    assert_eq!(c.principal.len(), 1, "{example}");
+    let p = &c.principal[0];
+    assert_eq!(
+        (p.name.as_str(), p.weight, p.max_calls, p.max_running),
+        ("thumbnailer", 2, Some(100), Some(64))
+    );
+}
+
+#[test]
+fn principal_tables_load_and_bad_ones_name_the_table_and_the_field() {
+    let digest = "ab".repeat(32);
+    let c = load_file(&format!(
+        "[[principal]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\n\n\
+         [[principal]]\nname = \"b\"\nclient_cert = \"CN=b\"\nweight = 3\n\
+         handlers = [\"echo\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.principal.len(), 2);
+    assert_eq!(c.principal[0].weight, 1, "weight defaults to 1");
+    assert_eq!(
+        c.principal[1].handlers.as_deref(),
+        Some(&["echo".to_owned()][..])
+    );
+
+    let err = |text: &str| load_file(text).unwrap_err().to_string();
+    let e = err("[[principal]]\nname = \"a\"\ntoken_sha256 = \"xyz\"\n");
+    assert!(
+        e.starts_with("invalid config: principal \"a\": token_sha256: must be the hex SHA-256"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "[[principal]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\nweight = 0\n"
+    ));
+    assert_eq!(
+        e,
+        "invalid config: principal \"a\": weight: must be between 1 and 10000"
+    );
+    let e = err("[[principal]]\nname = \"a\"\ntokn = \"x\"\n");
+    assert!(e.contains("principal \"a\": unknown field `tokn`"), "{e}");
+    let e = err("[[principal]]\nname = \"a\"\nclient_cert = \"CN=a\"\nweight = -1\n");
+    assert!(e.contains("principal \"a\""), "{e}");
+}
+
+#[test]
+fn principals_come_from_the_file_only_and_memory_budget_has_a_floor() {
+    let c = Config::load(&Flags::default(), env(&[("BATCHD_PRINCIPAL", "x")])).unwrap();
+    assert!(c.principal.is_empty());
+    assert!(!field_names().contains(&"principal".to_owned()));
+    let c = set(&["memory_budget=256MiB", "reflection_open=true"]).unwrap();
+    assert_eq!(c.memory_budget, ByteSize::mib(256));
+    assert!(c.reflection_open);
+    let msg = set_err(&["memory_budget=1KiB"]);
+    assert_eq!(msg, "invalid config: memory_budget: must be at least 64KiB");
+}

@@ -12,7 +12,7 @@ use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::scheduler::PoolStall;
+use super::scheduler::{PoolStall, PROBE_GROUP};
 use super::Engine;
 
 /// Shortest and longest pause between two turns of the probe.
@@ -167,7 +167,7 @@ impl Engine {
     /// like any call's. A turn that completes proves the runtime still runs engine tasks.
     pub async fn probe(self) {
         let every = (self.inner.heartbeat.stall_timeout / 4).clamp(PROBE_EVERY.0, PROBE_EVERY.1);
-        let mut lane = self.inner.scheduler.lane();
+        let mut lane = self.inner.scheduler.lane(PROBE_GROUP);
         let mut threads = Threads::new();
         let mut waiting = false;
         loop {
@@ -247,7 +247,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_pool_keeps_the_probe_waiting_but_healthy() {
         let e = engine();
-        let mut busy = e.inner.scheduler.lane();
+        let mut busy = e.inner.scheduler.lane(PROBE_GROUP);
         busy.want(1);
         assert_eq!(busy.take(), 1, "the one slot is held by a long job");
         let probe = tokio::spawn(e.clone().probe());

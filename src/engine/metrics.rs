@@ -67,6 +67,10 @@ pub enum Rejection {
     TooManyCalls,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// No valid credentials while principals are configured.
+    Unauthenticated,
+    /// Its principal already has `max_calls` calls open.
+    PrincipalMaxCalls,
 }
 
 /// How a call ended (the `reason` label of `batchd_calls_ended_total`, and the session span's).
@@ -134,7 +138,7 @@ pub struct Metrics {
     /// Times a session stopped reading its stream because its window was full.
     backpressure: AtomicU64,
     /// Calls refused, by [`Rejection`].
-    rejected_calls: [AtomicU64; 2],
+    rejected_calls: [AtomicU64; Rejection::COUNT],
     /// Calls ended, by [`EndReason`].
     calls_ended: [AtomicU64; 5],
 }
@@ -142,14 +146,29 @@ pub struct Metrics {
 // === impl Rejection, EndReason ===
 
 impl Rejection {
-    const ALL: [Self; 2] = [Self::TooManyCalls, Self::ShuttingDown];
+    /// How many reasons there are.
+    pub(crate) const COUNT: usize = 4;
+    pub(crate) const ALL: [Self; Self::COUNT] = [
+        Self::TooManyCalls,
+        Self::ShuttingDown,
+        Self::Unauthenticated,
+        Self::PrincipalMaxCalls,
+    ];
 
-    /// The label value: `too_many_calls` or `shutting_down`.
+    /// The label value: `too_many_calls`, `shutting_down`, `unauthenticated` or
+    /// `principal_max_calls`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::TooManyCalls => "too_many_calls",
             Self::ShuttingDown => "shutting_down",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PrincipalMaxCalls => "principal_max_calls",
         }
+    }
+
+    /// Its place in [`Rejection::ALL`].
+    pub(crate) fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -245,8 +264,7 @@ impl Metrics {
 
     /// Counts a refused call.
     pub(crate) fn rejected(&self, why: Rejection) {
-        let i = Rejection::ALL.iter().position(|r| *r == why).unwrap_or(0);
-        self.rejected_calls[i].fetch_add(1, Ordering::Relaxed);
+        self.rejected_calls[why.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts an ended call.

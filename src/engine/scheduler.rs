@@ -1,8 +1,19 @@
-//! The global worker pool: a fixed number of slots handed to calls in round-robin order.
+//! The global worker pool, shared by principals by weight, then among each principal's calls in turn.
 //!
-//! Each call owns a [`Lane`]. A lane asks for as many slots as it has queued jobs; when a slot frees,
-//! the scheduler gives it to the next lane in the ring, so a call with 100,000 queued jobs gets one slot
-//! per turn like a call with 20. Dropping a lane returns every slot it held or was granted.
+//! Each principal (with none configured, the one implicit principal) is a group, and each call a
+//! [`Lane`] of its group. A lane asks for as many slots as it has queued jobs. A free slot goes to a
+//! group that wants one and is under its `max_running`:
+//! - first to the groups whose running jobs are below their share of the pool (`workers` × weight ÷
+//!   the weights of the groups that want slots), so slots held by long jobs end up shared by weight;
+//! - among those, weighted round robin (stride scheduling): each grant moves the group's pass on by
+//!   1/weight and the lowest pass goes next, so starts, and with jobs of one length throughput, follow
+//!   the weights. A group that comes back from idle starts at the current pass: no burst for the time
+//!   it wanted nothing, whose share went to the others.
+//!
+//! Within the group the slot goes to the next lane in the group's ring. So one principal's 1,000 calls
+//! get that principal's share, not 1,000 shares, and a call with 100,000 queued jobs gets one slot per
+//! turn like a call of the same principal with 20. Dropping a lane returns every slot it held or was
+//! granted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -15,21 +26,60 @@ pub(crate) struct Scheduler {
     state: Mutex<State>,
 }
 
+/// The health probe's group: no principal's, so no quota holds the probe back.
+pub(crate) const PROBE_GROUP: usize = 0;
+
+/// One grant moves a group of weight `w` on by `STRIDE / w` (exact for the weights up to 16).
+const STRIDE: u128 = 720_720;
+
 #[derive(Debug)]
 struct State {
-    /// Slots nobody asked for. Invariant: `free > 0` only when no lane wants a slot.
+    /// The pool's size.
+    slots: usize,
+    /// Slots nobody holds. Invariant: `free > 0` only when no group under its cap wants a slot.
     free: usize,
-    /// Lanes waiting for a slot, in turn order; each lane appears at most once.
+    /// Groups by index (a principal's metrics row); never removed, so an index stays valid.
+    groups: Vec<Group>,
+    /// Groups that want slots, each once, in no order.
+    active: Vec<usize>,
+    lanes: HashMap<u64, LaneState>,
+    next_id: u64,
+    /// Counts grants; stamps the group served, for turns among groups with equal passes.
+    clock: u64,
+    /// The pass of the latest grant: where a group coming back from idle starts.
+    vtime: u128,
+}
+
+/// One principal's claim on the pool.
+#[derive(Debug)]
+struct Group {
+    /// Its share of the slots relative to the other groups'.
+    weight: u64,
+    /// `STRIDE / weight`: what one grant moves its pass on by (computed once, not per grant).
+    stride: u128,
+    /// Most slots its lanes may hold at once (`max_running`).
+    cap: usize,
+    /// Slots granted to its lanes and not given back (taken by their owners or not).
+    held: usize,
+    /// Of those, the slots taken by their owners: running jobs.
+    running: usize,
+    /// Slots its lanes asked for and were not granted yet.
+    wants: usize,
+    /// Its lanes waiting for a slot, in turn order; each lane appears at most once.
     ring: VecDeque<u64>,
     /// Entries of `ring` whose lane was dropped: skipped when their turn comes, swept out when they
     /// are the larger part, so calls that come and go while every slot is busy cannot grow it.
     dead: usize,
-    lanes: HashMap<u64, LaneState>,
-    next_id: u64,
+    /// Its place in the weighted round robin: grows by `STRIDE / weight` per grant.
+    pass: u128,
+    /// `State::clock` when it was last granted a slot.
+    served: u64,
+    active: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LaneState {
+    group: usize,
     /// Slots asked for and not granted yet.
     wants: usize,
     /// Slots granted and not taken by the lane's owner yet.
@@ -45,11 +95,11 @@ struct LaneState {
 pub(crate) enum PoolStall {
     /// A lane has left a granted slot untaken this long: its owner is not being polled.
     GrantUntaken(Duration),
-    /// Slots are free while lanes wait for one: a grant was lost.
+    /// Slots are free while groups under their cap wait for one: a grant was lost.
     IdleSlots {
         /// Free slots.
         free: usize,
-        /// Slots lanes wait for.
+        /// Slots wanted by groups that may take one.
         wanted: usize,
     },
 }
@@ -66,25 +116,56 @@ pub(crate) struct Lane {
 // === impl Scheduler ===
 
 impl Scheduler {
-    /// A pool of `slots` workers.
+    /// A pool of `slots` workers, with one group (index 0, [`PROBE_GROUP`]) of weight 1 and no cap;
+    /// other groups are added as lanes or [`Scheduler::configure`] name them.
     pub(crate) fn new(slots: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
+                slots,
                 free: slots,
-                ring: VecDeque::new(),
-                dead: 0,
+                groups: vec![Group::new()],
+                active: Vec::new(),
                 lanes: HashMap::new(),
                 next_id: 0,
+                // From 1: a group never served (0) comes before any that was.
+                clock: 1,
+                vtime: 0,
             }),
         })
     }
 
-    /// A new lane with no claim yet.
-    pub(crate) fn lane(self: &Arc<Self>) -> Lane {
+    /// Sets the weight and the cap (`None`: none) of group `group`, adding groups up to it.
+    pub(crate) fn configure(&self, group: usize, weight: u32, cap: Option<usize>) {
+        let mut wake = Vec::new();
+        {
+            let mut state = self.lock();
+            let g = state.group_mut(group);
+            g.weight = u64::from(weight.max(1));
+            g.stride = STRIDE / u128::from(g.weight);
+            g.cap = cap.unwrap_or(usize::MAX);
+            // A raised cap may let the group take free slots now.
+            state.dispatch(&mut wake);
+        }
+        wake.into_iter().for_each(Waker::wake);
+    }
+
+    /// A new lane of group `group` with no claim yet.
+    pub(crate) fn lane(self: &Arc<Self>, group: usize) -> Lane {
         let mut state = self.lock();
+        state.group_mut(group);
         let id = state.next_id;
         state.next_id += 1;
-        state.lanes.insert(id, LaneState::default());
+        state.lanes.insert(
+            id,
+            LaneState {
+                group,
+                wants: 0,
+                granted: 0,
+                granted_at: None,
+                in_ring: false,
+                waker: None,
+            },
+        );
         Lane {
             scheduler: Arc::clone(self),
             id,
@@ -98,26 +179,31 @@ impl Scheduler {
     }
 
     /// Whether the pool is stuck at `now`: a grant left untaken for longer than `after`, or free
-    /// slots while lanes wait. A busy pool (every slot taken, lanes waiting) is not stuck.
+    /// slots while groups that may take one wait. A busy pool (every slot taken, or every waiting
+    /// group at its `max_running`) is not stuck.
     pub(crate) fn stall(&self, now: Instant, after: Duration) -> Option<PoolStall> {
         let state = self.lock();
-        let mut oldest: Option<Instant> = None;
-        let mut wanted = 0usize;
-        for lane in state.lanes.values() {
-            wanted = wanted.saturating_add(lane.wants);
-            if let Some(at) = lane.granted_at {
-                oldest = Some(oldest.map_or(at, |o| o.min(at)));
-            }
-        }
+        let oldest = state.lanes.values().filter_map(|l| l.granted_at).min();
         if let Some(age) = oldest.map(|at| now.saturating_duration_since(at)) {
             if age > after {
                 return Some(PoolStall::GrantUntaken(age));
             }
         }
+        let wanted: usize = state
+            .groups
+            .iter()
+            .filter(|g| g.held < g.cap)
+            .map(|g| g.wants)
+            .sum();
         (state.free > 0 && wanted > 0).then_some(PoolStall::IdleSlots {
             free: state.free,
             wanted,
         })
+    }
+
+    /// Slots held by the lanes of group `group` (granted, taken or not).
+    pub(crate) fn held(&self, group: usize) -> usize {
+        self.lock().groups.get(group).map_or(0, |g| g.held)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -126,32 +212,113 @@ impl Scheduler {
     }
 }
 
-impl State {
-    /// Forgets the lane `id`; returns the slots it had been granted.
-    fn remove(&mut self, id: u64) -> usize {
-        let Some(lane) = self.lanes.remove(&id) else {
-            return 0;
-        };
-        if lane.in_ring {
-            self.dead += 1;
-            if self.dead > 64 && self.dead * 2 > self.ring.len() {
-                let lanes = &self.lanes;
-                self.ring.retain(|id| lanes.contains_key(id));
-                self.dead = 0;
-            }
+impl Group {
+    fn new() -> Self {
+        Self {
+            weight: 1,
+            stride: STRIDE,
+            cap: usize::MAX,
+            held: 0,
+            running: 0,
+            wants: 0,
+            ring: VecDeque::new(),
+            dead: 0,
+            pass: 0,
+            served: 0,
+            active: false,
         }
-        lane.granted
     }
 
-    /// Hands `n` freed slots to waiting lanes in turn; returns the wakers to call after unlocking.
-    fn give(&mut self, mut n: usize, wake: &mut Vec<Waker>) {
-        while n > 0 {
-            let Some(id) = self.ring.pop_front() else {
-                self.free += n;
+    /// Notes an entry of the ring whose lane is gone; sweeps them out once they are most of it.
+    fn dead_entry(&mut self, lanes: &HashMap<u64, LaneState>) {
+        self.dead += 1;
+        if self.dead > 64 && self.dead * 2 > self.ring.len() {
+            self.ring.retain(|id| lanes.contains_key(id));
+            self.dead = 0;
+        }
+    }
+}
+
+impl State {
+    /// Group `i`, added (with defaults) if it does not exist yet.
+    fn group_mut(&mut self, i: usize) -> &mut Group {
+        if i >= self.groups.len() {
+            self.groups.resize_with(i + 1, Group::new);
+        }
+        &mut self.groups[i]
+    }
+
+    /// Adds `n` to the wants of group `g`, marking it active.
+    fn add_wants(&mut self, g: usize, n: usize) {
+        let group = &mut self.groups[g];
+        group.wants += n;
+        if group.wants > 0 && !group.active {
+            group.active = true;
+            group.pass = group.pass.max(self.vtime);
+            self.active.push(g);
+        }
+    }
+
+    /// Takes `n` from the wants of group `g`; a group that wants nothing leaves the active set.
+    fn sub_wants(&mut self, g: usize, n: usize) {
+        let group = &mut self.groups[g];
+        group.wants -= n.min(group.wants);
+        if group.wants == 0 && group.active {
+            group.active = false;
+            if let Some(pos) = self.active.iter().position(|&a| a == g) {
+                self.active.swap_remove(pos);
+            }
+        }
+    }
+
+    /// Gives back to the pool `n` slots held by group `g`, `taken` of them taken by their owners.
+    fn give_back(&mut self, g: usize, n: usize, taken: usize) {
+        let group = &mut self.groups[g];
+        group.held -= n.min(group.held);
+        group.running -= taken.min(group.running);
+        self.free += n;
+    }
+
+    /// The group a free slot goes to, among those that want one and are under their cap: one below
+    /// its share of the pool if any, the lowest pass first (ties: the one served longest ago).
+    fn pick(&self) -> Option<usize> {
+        if let [only] = self.active[..] {
+            let g = &self.groups[only];
+            return (g.held < g.cap).then_some(only);
+        }
+        let weights: u128 = self
+            .active
+            .iter()
+            .map(|&i| self.groups[i].weight as u128)
+            .sum();
+        // running < slots × weight ÷ weights, exactly. Running jobs, not grants: jobs that end as soon
+        // as they start (echo) leave their slots granted only until their call's next turn.
+        let below =
+            |g: &Group| (g.running as u128) * weights < (self.slots as u128) * g.weight as u128;
+        self.active
+            .iter()
+            .map(|&i| (i, &self.groups[i]))
+            .filter(|(_, g)| g.held < g.cap)
+            .min_by_key(|(_, g)| (!below(g), g.pass, g.served))
+            .map(|(i, _)| i)
+    }
+
+    /// Hands free slots to waiting lanes while a group may take one; returns, through `wake`, the
+    /// wakers to call after unlocking.
+    fn dispatch(&mut self, wake: &mut Vec<Waker>) {
+        while self.free > 0 {
+            let Some(g) = self.pick() else {
                 return;
             };
+            let group = &mut self.groups[g];
+            let Some(id) = group.ring.pop_front() else {
+                // Wants without a lane in the ring: cannot happen; forget them rather than spin.
+                let wants = group.wants;
+                self.sub_wants(g, wants);
+                continue;
+            };
             let Some(lane) = self.lanes.get_mut(&id) else {
-                self.dead = self.dead.saturating_sub(1);
+                group.dead = group.dead.saturating_sub(1);
                 continue;
             };
             if lane.wants == 0 {
@@ -161,16 +328,35 @@ impl State {
             lane.wants -= 1;
             lane.granted += 1;
             lane.granted_at.get_or_insert_with(Instant::now);
-            n -= 1;
+            group.held += 1;
+            group.served = self.clock;
+            self.clock += 1;
+            self.vtime = self.vtime.max(group.pass);
+            group.pass += group.stride;
+            self.free -= 1;
             if let Some(w) = lane.waker.take() {
                 wake.push(w);
             }
             if lane.wants > 0 {
-                self.ring.push_back(id);
+                group.ring.push_back(id);
             } else {
                 lane.in_ring = false;
             }
+            self.sub_wants(g, 1);
         }
+    }
+
+    /// Forgets the lane `id` whose owner held `held` slots; gives back those and its grants.
+    fn remove(&mut self, id: u64, held: usize) {
+        let Some(lane) = self.lanes.remove(&id) else {
+            return;
+        };
+        if lane.in_ring {
+            let lanes = &self.lanes;
+            self.groups[lane.group].dead_entry(lanes);
+        }
+        self.sub_wants(lane.group, lane.wants);
+        self.give_back(lane.group, held + lane.granted, held);
     }
 }
 
@@ -182,28 +368,33 @@ impl Lane {
         if n == 0 {
             return;
         }
-        let mut state = self.scheduler.lock();
-        let state = &mut *state;
-        let now = n.min(state.free);
-        state.free -= now;
-        if let Some(lane) = state.lanes.get_mut(&self.id) {
-            lane.granted += now;
-            if now > 0 {
-                lane.granted_at.get_or_insert_with(Instant::now);
-            }
-            lane.wants += n - now;
-            if lane.wants > 0 && !lane.in_ring {
+        let mut wake = Vec::new();
+        {
+            let mut state = self.scheduler.lock();
+            let state = &mut *state;
+            let Some(lane) = state.lanes.get_mut(&self.id) else {
+                return;
+            };
+            lane.wants += n;
+            let g = lane.group;
+            if !lane.in_ring {
                 lane.in_ring = true;
-                state.ring.push_back(self.id);
+                state.groups[g].ring.push_back(self.id);
             }
+            state.add_wants(g, n);
+            state.dispatch(&mut wake);
         }
+        wake.into_iter().for_each(Waker::wake);
     }
 
     /// Withdraws up to `n` slots asked for and not granted yet (their jobs were cancelled).
     pub(crate) fn unwant(&mut self, n: usize) {
         let mut state = self.scheduler.lock();
         if let Some(lane) = state.lanes.get_mut(&self.id) {
-            lane.wants -= n.min(lane.wants);
+            let n = n.min(lane.wants);
+            lane.wants -= n;
+            let g = lane.group;
+            state.sub_wants(g, n);
         }
     }
 
@@ -216,6 +407,8 @@ impl Lane {
         if lane.granted > 0 {
             let n = std::mem::take(&mut lane.granted);
             lane.granted_at = None;
+            let g = lane.group;
+            state.groups[g].running += n;
             self.held += n;
             return Poll::Ready(n);
         }
@@ -230,10 +423,12 @@ impl Lane {
     #[cfg(test)]
     pub(crate) fn take(&mut self) -> usize {
         let mut state = self.scheduler.lock();
-        let n = state.lanes.get_mut(&self.id).map_or(0, |lane| {
-            lane.granted_at = None;
-            std::mem::take(&mut lane.granted)
-        });
+        let Some(lane) = state.lanes.get_mut(&self.id) else {
+            return 0;
+        };
+        lane.granted_at = None;
+        let (n, g) = (std::mem::take(&mut lane.granted), lane.group);
+        state.groups[g].running += n;
         self.held += n;
         n
     }
@@ -246,7 +441,13 @@ impl Lane {
         }
         self.held -= n;
         let mut wake = Vec::new();
-        self.scheduler.lock().give(n, &mut wake);
+        {
+            let mut state = self.scheduler.lock();
+            if let Some(g) = state.lanes.get(&self.id).map(|l| l.group) {
+                state.give_back(g, n, n);
+                state.dispatch(&mut wake);
+            }
+        }
         wake.into_iter().for_each(Waker::wake);
     }
 
@@ -255,12 +456,16 @@ impl Lane {
         let mut wake = Vec::new();
         {
             let mut state = self.scheduler.lock();
-            let granted = state.lanes.get_mut(&self.id).map_or(0, |l| {
-                l.wants = 0;
-                l.granted_at = None;
-                std::mem::take(&mut l.granted)
-            });
-            state.give(std::mem::take(&mut self.held) + granted, &mut wake);
+            let state = &mut *state;
+            if let Some(lane) = state.lanes.get_mut(&self.id) {
+                let (g, wants) = (lane.group, std::mem::take(&mut lane.wants));
+                let granted = std::mem::take(&mut lane.granted);
+                lane.granted_at = None;
+                state.sub_wants(g, wants);
+                let held = std::mem::take(&mut self.held);
+                state.give_back(g, held + granted, held);
+                state.dispatch(&mut wake);
+            }
         }
         wake.into_iter().for_each(Waker::wake);
     }
@@ -271,8 +476,8 @@ impl Drop for Lane {
         let mut wake = Vec::new();
         {
             let mut state = self.scheduler.lock();
-            let granted = state.remove(self.id);
-            state.give(self.held + granted, &mut wake);
+            state.remove(self.id, self.held);
+            state.dispatch(&mut wake);
         }
         wake.into_iter().for_each(Waker::wake);
     }
@@ -289,7 +494,7 @@ mod tests {
     #[test]
     fn grants_up_to_the_free_slots_then_queues() {
         let s = Scheduler::new(2);
-        let mut a = s.lane();
+        let mut a = s.lane(0);
         a.want(5);
         assert_eq!(a.take(), 2);
         assert_eq!(s.free(), 0);
@@ -300,19 +505,19 @@ mod tests {
     #[test]
     fn calls_that_come_and_go_while_every_slot_is_busy_do_not_grow_the_ring() {
         let s = Scheduler::new(1);
-        let mut busy = s.lane();
+        let mut busy = s.lane(0);
         busy.want(1);
         assert_eq!(busy.take(), 1);
         for _ in 0..10_000 {
-            let mut gone = s.lane();
+            let mut gone = s.lane(0);
             gone.want(3);
         }
-        let ring = s.lock().ring.len();
+        let ring = s.lock().groups[0].ring.len();
         assert!(
             ring <= 130,
             "the ring holds {ring} entries of dropped lanes"
         );
-        let mut waiting = s.lane();
+        let mut waiting = s.lane(0);
         waiting.want(1);
         busy.release(1);
         assert_eq!(waiting.take(), 1, "a live lane still gets its turn");
@@ -321,8 +526,8 @@ mod tests {
     #[test]
     fn freed_slots_go_round_robin() {
         let s = Scheduler::new(1);
-        let mut greedy = s.lane();
-        let mut small = s.lane();
+        let mut greedy = s.lane(0);
+        let mut small = s.lane(0);
         greedy.want(100);
         assert_eq!(greedy.take(), 1);
         small.want(3);
@@ -355,10 +560,10 @@ mod tests {
     #[test]
     fn dropping_a_lane_returns_held_and_granted_slots() {
         let s = Scheduler::new(3);
-        let mut a = s.lane();
+        let mut a = s.lane(0);
         a.want(3);
         assert_eq!(a.poll_take(&mut noop()), Poll::Ready(3));
-        let mut b = s.lane();
+        let mut b = s.lane(0);
         b.want(1);
         a.release(1); // granted to b, not taken yet
         drop(b);
@@ -371,8 +576,8 @@ mod tests {
     fn a_grant_left_untaken_is_a_stall_and_a_busy_pool_is_not() {
         let s = Scheduler::new(1);
         let after = Duration::from_secs(5);
-        let mut busy = s.lane();
-        let mut waiting = s.lane();
+        let mut busy = s.lane(0);
+        let mut waiting = s.lane(0);
         busy.want(1);
         assert_eq!(busy.take(), 1);
         waiting.want(1);
@@ -394,10 +599,11 @@ mod tests {
     }
 
     #[test]
-    fn free_slots_while_a_lane_waits_are_a_stall() {
-        let s = Scheduler::new(1);
-        let mut a = s.lane();
-        a.want(2);
+    fn free_slots_while_a_lane_waits_are_a_stall_unless_its_group_is_capped() {
+        let s = Scheduler::new(2);
+        let mut a = s.lane(0);
+        a.want(3);
+        assert_eq!(a.take(), 2);
         assert_eq!(s.stall(Instant::now(), Duration::from_secs(5)), None);
         // A slot given back behind the scheduler's back (a bug such a check exists for).
         s.lock().free += 1;
@@ -405,13 +611,21 @@ mod tests {
             s.stall(Instant::now(), Duration::from_secs(5)),
             Some(PoolStall::IdleSlots { free: 1, wanted: 1 })
         );
+        // A principal at its max_running waits while slots are free: that is the quota, not a stall.
+        let s = Scheduler::new(2);
+        s.configure(1, 1, Some(1));
+        let mut capped = s.lane(1);
+        capped.want(2);
+        assert_eq!(capped.take(), 1);
+        assert_eq!(s.free(), 1);
+        assert_eq!(s.stall(Instant::now(), Duration::from_secs(5)), None);
     }
 
     #[test]
     fn unwant_withdraws_queued_claims() {
         let s = Scheduler::new(1);
-        let mut a = s.lane();
-        let mut b = s.lane();
+        let mut a = s.lane(0);
+        let mut b = s.lane(0);
         a.want(1);
         assert_eq!(a.take(), 1);
         b.want(1);
@@ -419,5 +633,197 @@ mod tests {
         a.release(1);
         assert_eq!(b.take(), 0);
         assert_eq!(s.free(), 1, "nobody wanted the slot, so it is free again");
+    }
+
+    /// Lanes of group `g` that each want `n` slots.
+    fn lanes(s: &Arc<Scheduler>, g: usize, count: usize, n: usize) -> Vec<Lane> {
+        (0..count)
+            .map(|_| {
+                let mut l = s.lane(g);
+                l.want(n);
+                l
+            })
+            .collect()
+    }
+
+    /// Takes every grant of `lanes`; returns how many.
+    fn take_all(lanes: &mut [Lane]) -> usize {
+        lanes.iter_mut().map(Lane::take).sum()
+    }
+
+    /// Runs `rounds` rounds in which every lane gives back what it holds; returns the slots each
+    /// group was granted over them.
+    fn grants_over(rounds: usize, groups: &mut [Vec<Lane>]) -> Vec<usize> {
+        let mut got = vec![0; groups.len()];
+        for _ in 0..rounds {
+            for lanes in groups.iter_mut() {
+                for l in lanes.iter_mut() {
+                    let held = l.held;
+                    l.release(held);
+                    l.want(held);
+                }
+            }
+            for (g, lanes) in groups.iter_mut().enumerate() {
+                got[g] += take_all(lanes);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn the_pool_is_shared_by_weight_not_by_calls() {
+        let s = Scheduler::new(70);
+        s.configure(1, 1, None);
+        s.configure(2, 2, None);
+        s.configure(3, 4, None);
+        // Weight 1 opens 100 calls, weight 2 one call, weight 4 ten calls; all want far more.
+        let mut groups = vec![
+            lanes(&s, 1, 100, 1000),
+            lanes(&s, 2, 1, 1000),
+            lanes(&s, 3, 10, 1000),
+        ];
+        // The first calls took the whole pool; as slots free, they go where the share is short.
+        for l in &mut groups {
+            take_all(l);
+        }
+        grants_over(3, &mut groups);
+        assert_eq!(
+            [s.held(1), s.held(2), s.held(3)],
+            [10, 20, 40],
+            "slots held at once follow the weights"
+        );
+        assert_eq!(s.free(), 0);
+        let got = grants_over(50, &mut groups);
+        assert_eq!(got, [500, 1000, 2000], "and so do the grants as slots free");
+        assert_eq!([s.held(1), s.held(2), s.held(3)], [10, 20, 40]);
+    }
+
+    #[test]
+    fn an_idle_principal_s_share_goes_to_the_others() {
+        let s = Scheduler::new(12);
+        s.configure(1, 1, None);
+        s.configure(2, 3, None);
+        let mut a = lanes(&s, 1, 2, 100);
+        assert_eq!(take_all(&mut a), 12, "alone, weight 1 takes the whole pool");
+        let mut b = lanes(&s, 2, 1, 100);
+        assert_eq!(
+            take_all(&mut b),
+            0,
+            "nothing is taken back from running jobs"
+        );
+        // As a's jobs end, freed slots go to b until the shares are 3:9.
+        for l in &mut a {
+            let held = l.held;
+            l.release(held);
+            l.want(held);
+        }
+        assert_eq!((take_all(&mut a), take_all(&mut b)), (3, 9));
+        // b goes idle: its slots go back to a.
+        drop(b);
+        assert_eq!(take_all(&mut a), 9);
+        assert_eq!(s.free(), 0);
+    }
+
+    #[test]
+    fn max_running_caps_a_principal_and_its_jobs_wait() {
+        let s = Scheduler::new(10);
+        s.configure(1, 1, Some(3));
+        let mut capped = lanes(&s, 1, 4, 10);
+        assert_eq!(
+            take_all(&mut capped),
+            3,
+            "at most max_running slots at once"
+        );
+        assert_eq!(s.free(), 7, "the rest stay free for others");
+        let mut other = lanes(&s, 0, 1, 20);
+        assert_eq!(take_all(&mut other), 7);
+        // A slot the capped group gives back goes back to it (it is under its cap again and
+        // furthest below its share); the others' freed slots do not.
+        let holder = capped.iter_mut().find(|l| l.held > 0).unwrap();
+        holder.release(1);
+        assert_eq!(take_all(&mut capped), 1);
+        other[0].release(2);
+        assert_eq!(take_all(&mut capped), 0);
+        assert_eq!(take_all(&mut other), 2);
+        // A reload that raises the cap hands it free slots at once.
+        other[0].unwant(100);
+        other[0].release(4);
+        assert_eq!(s.free(), 4);
+        s.configure(1, 1, Some(5));
+        assert_eq!(take_all(&mut capped), 2);
+        assert_eq!(s.free(), 2);
+    }
+
+    #[test]
+    fn equal_shares_alternate_between_principals() {
+        let s = Scheduler::new(1);
+        s.configure(1, 1, None);
+        let mut a = s.lane(0);
+        let mut b = s.lane(1);
+        a.want(10);
+        b.want(10);
+        assert_eq!((a.take(), b.take()), (1, 0));
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            if a.held > 0 {
+                a.release(1);
+            } else {
+                b.release(1);
+            }
+            order.push(match (a.take(), b.take()) {
+                (1, 0) => 'a',
+                (0, 1) => 'b',
+                other => panic!("one slot, one grant: {other:?}"),
+            });
+        }
+        assert_eq!(order, ['b', 'a', 'b', 'a', 'b', 'a']);
+    }
+
+    #[test]
+    fn dropping_lanes_keeps_the_group_counts_exact() {
+        let s = Scheduler::new(4);
+        s.configure(1, 1, Some(2));
+        let mut a = lanes(&s, 1, 3, 5);
+        assert_eq!(take_all(&mut a), 2);
+        let mut other = lanes(&s, 0, 1, 5);
+        assert_eq!(take_all(&mut other), 2);
+        drop(a);
+        assert_eq!(s.held(1), 0);
+        assert_eq!(
+            take_all(&mut other),
+            2,
+            "the capped group's slots went to the other"
+        );
+        let s_state = s.lock();
+        assert_eq!(s_state.groups[1].wants, 0);
+        assert!(!s_state.groups[1].active);
+        assert_eq!(s_state.active, [0]);
+    }
+
+    /// Jobs of one length that end as soon as they start (echo): the slots held say little, the
+    /// starts follow the weights exactly.
+    #[test]
+    fn starts_follow_the_weights_when_jobs_end_at_once() {
+        let s = Scheduler::new(1);
+        for (g, w) in [(1, 1), (2, 2), (3, 4)] {
+            s.configure(g, w, None);
+        }
+        let mut lanes: Vec<Lane> = (1..=3)
+            .map(|g| {
+                let mut l = s.lane(g);
+                l.want(10_000);
+                l
+            })
+            .collect();
+        let mut starts = [0; 3];
+        while starts.iter().sum::<usize>() < 700 {
+            for (i, l) in lanes.iter_mut().enumerate() {
+                if l.take() == 1 {
+                    starts[i] += 1;
+                    l.release(1);
+                }
+            }
+        }
+        assert_eq!(starts, [100, 200, 400]);
     }
 }

@@ -18,9 +18,11 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::Wait;
 use super::job::{Command, JobRequest, JobResult, Outcome};
 use super::metrics::{EndReason, GaugeDeltas, LocalHistogram};
 use super::outbox::Sender;
+use super::principal::{CallSlot, Principal};
 use super::running::{conclude, Finished, RunningJob};
 use super::scheduler::Lane;
 use super::trace::{JobSpan, SessionTrace};
@@ -57,6 +59,13 @@ pub(super) struct Session<S> {
     jobs: Jobs,
     /// Bytes held in unfinished jobs' inputs and in `ready`'s results (bounded by `session_bytes`).
     held_bytes: usize,
+    /// Bytes of the jobs of `pending` (read, not admitted yet).
+    pending_bytes: usize,
+    /// What the call counts in the daemon's memory budget: `held_bytes + pending_bytes` as of the
+    /// last fold.
+    budgeted: usize,
+    /// The call's place in the queue for the memory budget, while it waits to read.
+    budget_wait: Wait,
     running: FuturesUnordered<RunningJob>,
     /// Results waiting for the transport.
     ready: VecDeque<JobResult>,
@@ -70,6 +79,8 @@ pub(super) struct Session<S> {
     trace: SessionTrace,
     /// Jobs of the call by outcome, and a bit per handler row used, for the session span.
     outcomes: [u32; 5],
+    /// `outcomes` as last added to the principal's figures.
+    outcomes_folded: [u32; 5],
     handler_mix: u64,
     /// When the call's result stream was dropped.
     dropped_at: Arc<OnceLock<Instant>>,
@@ -78,6 +89,9 @@ pub(super) struct Session<S> {
     run_times: LocalHistogram,
     /// Queued and running jobs by handler, folded into the engine's gauges before each wait.
     gauges: GaugeDeltas,
+    /// Who the call is: the handlers it may use, its scheduler group and figures.
+    principal: Arc<Principal>,
+    _slot: CallSlot,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -108,6 +122,8 @@ struct Slot {
 pub(super) struct CallParts {
     pub(super) deadline: Option<Instant>,
     pub(super) permit: OwnedSemaphorePermit,
+    pub(super) principal: Arc<Principal>,
+    pub(super) slot: CallSlot,
     pub(super) trace: SessionTrace,
     pub(super) dropped_at: Arc<OnceLock<Instant>>,
 }
@@ -136,11 +152,13 @@ where
         let CallParts {
             deadline,
             permit,
+            principal,
+            slot,
             trace,
             dropped_at,
         } = call;
         engine.metrics.call_opened();
-        let lane = engine.scheduler.lane();
+        let lane = engine.scheduler.lane(principal.group());
         let gauges = engine.metrics.gauge_deltas();
         Self {
             engine,
@@ -153,6 +171,9 @@ where
             stale: 0,
             jobs: Jobs::default(),
             held_bytes: 0,
+            pending_bytes: 0,
+            budgeted: 0,
+            budget_wait: None,
             running: FuturesUnordered::new(),
             ready: VecDeque::new(),
             out,
@@ -162,11 +183,14 @@ where
             stalled: false,
             trace,
             outcomes: [0; 5],
+            outcomes_folded: [0; 5],
             handler_mix: 0,
             dropped_at,
             queue_times: LocalHistogram::default(),
             run_times: LocalHistogram::default(),
             gauges,
+            principal,
+            _slot: slot,
             _permit: permit,
         }
     }
@@ -192,7 +216,7 @@ where
                 self.observe_cancel(held, reason, from);
             }
             End::Status(e) => {
-                tracing::debug!(error = %e, "call ended");
+                tracing::debug!(error = %e, principal = self.principal.name(), "call ended");
                 self.stop_all(reason.as_str());
                 // A deadline is known in advance: its jobs are late from the deadline on.
                 let from = match (reason, self.deadline) {
@@ -227,10 +251,11 @@ where
         tokio::pin!(cancelled, draining, deadline);
         loop {
             let admitted = self.admit_pending();
-            // Every change of the last turn and this admission reaches the shared gauges before
-            // the session waits (after the claim on the pool: whoever sees the jobs admitted also
-            // finds them waiting for their turn).
+            // Every change of the last turn and this admission reaches the shared gauges and the
+            // memory budget before the session waits (after the claim on the pool: whoever sees
+            // the jobs admitted also finds them waiting for their turn).
             self.engine.metrics.fold_gauges(&mut self.gauges);
+            self.fold_budget();
             if let Err(e) = admitted {
                 return End::Status(e);
             }
@@ -255,6 +280,13 @@ where
                 self.engine.metrics.stalled();
             }
             self.stalled = stalled;
+            // A call holding nothing reads whatever the budget says, so none waits on the others
+            // forever (README, "Memory budget").
+            let exempt = self.held() == 0;
+            if !can_read || exempt {
+                // Not waiting for the budget this turn: a turn it was handed goes to the next call.
+                self.budget_wait = None;
+            }
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return self.cancelled().await,
@@ -272,7 +304,12 @@ where
                     }
                     Err(_) => return End::Gone,
                 },
-                msg = self.inbound.next(), if can_read => match msg {
+                msg = poll_fn(|cx| {
+                    if !exempt {
+                        std::task::ready!(self.engine.budget.poll_room(&mut self.budget_wait, cx));
+                    }
+                    self.inbound.poll_next_unpin(cx)
+                }), if can_read => match msg {
                     None => {
                         self.reading = false;
                         self.half_closed = true;
@@ -433,11 +470,38 @@ impl<S> Session<S> {
         metrics.unbuffered(n);
         metrics.coalesced(n);
         metrics.fold_times(&mut self.queue_times, &mut self.run_times);
+        self.fold_outcomes();
         if n == self.ready.len() {
             // Usually everything fits: hand over the buffer itself and keep none.
             return Vec::from(std::mem::take(&mut self.ready));
         }
         self.ready.drain(..n).collect()
+    }
+
+    /// Brings what the call counts in the memory budget up to date (one atomic add when it changed).
+    pub(super) fn fold_budget(&mut self) {
+        let now = self.held_bytes + self.pending_bytes;
+        if now != self.budgeted {
+            self.engine.budget.update(self.budgeted, now);
+            self.budgeted = now;
+        }
+    }
+
+    /// Adds the jobs finished since the last fold to the principal's figures.
+    pub(super) fn fold_outcomes(&mut self) {
+        let stats = self.principal.stats();
+        for (i, (now, folded)) in self
+            .outcomes
+            .iter()
+            .zip(&mut self.outcomes_folded)
+            .enumerate()
+        {
+            if *now != *folded {
+                let n = now.wrapping_sub(*folded);
+                stats.finished[i].fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+                *folded = *now;
+            }
+        }
     }
 
     /// Counts `n` jobs of handler `row` ending with `outcome`, for the session span.

@@ -64,6 +64,7 @@ impl SessionTrace {
             rpc.system = "grpc",
             rpc.method = rpc,
             net.peer = Empty,
+            principal = Empty,
             session.jobs = Empty,
             session.ok = Empty,
             session.failed = Empty,
@@ -95,6 +96,13 @@ impl SessionTrace {
         &self.span
     }
 
+    /// Records the call's principal.
+    pub(crate) fn record_principal(&self, name: &str) {
+        if self.sampled {
+            self.span.record("principal", name);
+        }
+    }
+
     /// Records how the call ended, its jobs by outcome and its handlers.
     pub(crate) fn end(&self, reason: EndReason, outcomes: [u32; 5], handlers: &str) {
         let span = &self.span;
@@ -113,24 +121,31 @@ impl SessionTrace {
     }
 }
 
-/// The span of a batch of `jobs` jobs, child of the session span.
-pub(crate) fn batch_span(session: &tracing::Span, batch_id: &str, jobs: usize) -> tracing::Span {
+/// The span of a batch of `jobs` jobs of `principal`, child of the session span.
+pub(crate) fn batch_span(
+    session: &tracing::Span,
+    principal: &str,
+    batch_id: &str,
+    jobs: usize,
+) -> tracing::Span {
     tracing::info_span!(
         target: TARGET,
         parent: session,
         "batchd.batch",
+        principal,
         batch.id = batch_id,
         batch.jobs = jobs,
     )
 }
 
-/// The span of one job, child of its batch's span (made only for sampled calls). Handlers may fill
+/// The span of one job of `principal`, child of its batch's span (made only for sampled calls). Handlers may fill
 /// `exec.command`, `exec.pid` and `exec.exit_status` through their job context's span.
-pub(crate) fn job_span(batch: &tracing::Span, id: &str, handler: &str) -> JobSpan {
+pub(crate) fn job_span(batch: &tracing::Span, principal: &str, id: &str, handler: &str) -> JobSpan {
     JobSpan(Some(Box::new(tracing::info_span!(
         target: TARGET,
         parent: batch,
         "batchd.job",
+        principal,
         job.id = id,
         job.handler = handler,
         job.queued_seconds = Empty,

@@ -4,7 +4,9 @@
 pub mod batchctl;
 pub mod daemon;
 pub mod jobs;
+pub mod map;
 pub mod otlp;
+pub mod principals;
 pub mod procs;
 pub mod proxy;
 pub mod recovery;

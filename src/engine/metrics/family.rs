@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{EndReason, Histogram, ProcessFigures, Rejection, CANCEL_REASONS};
+use crate::engine::principal::group_of;
 use crate::engine::{Engine, Outcome};
 use crate::handlers::exec::Isolation;
 
@@ -182,6 +183,102 @@ const FAMILIES: &[Family] = &[
                 sink(&[r.as_str()], Value::Number(c.load(Ordering::Relaxed)));
             }
         },
+    },
+    Family {
+        name: "principal_calls_open",
+        kind: Kind::Gauge,
+        help: "Calls open, by principal (what its max_calls counts).",
+        labels: &["principal"],
+        read: |e, sink| {
+            for (name, stats) in e.inner.principals.rows() {
+                let n = stats.calls_open.load(Ordering::Relaxed);
+                sink(&[&name], Value::Number(n));
+            }
+        },
+    },
+    Family {
+        name: "principal_calls",
+        kind: Kind::Counter,
+        help: "Calls admitted since start, by principal.",
+        labels: &["principal"],
+        read: |e, sink| {
+            for (name, stats) in e.inner.principals.rows() {
+                sink(&[&name], Value::Number(stats.calls.load(Ordering::Relaxed)));
+            }
+        },
+    },
+    Family {
+        name: "principal_calls_rejected",
+        kind: Kind::Counter,
+        help: "Calls of an authenticated principal refused, by principal and reason.",
+        labels: &["principal", "reason"],
+        read: |e, sink| {
+            for (name, stats) in e.inner.principals.rows() {
+                for r in Rejection::ALL {
+                    if r != Rejection::Unauthenticated {
+                        let n = stats.rejected[r.index()].load(Ordering::Relaxed);
+                        sink(&[&name, r.as_str()], Value::Number(n));
+                    }
+                }
+            }
+        },
+    },
+    Family {
+        name: "principal_jobs_finished",
+        kind: Kind::Counter,
+        help: "Jobs finished (rejected ones included), by principal and outcome; a call adds its \
+               jobs each time it hands results over.",
+        labels: &["principal", "outcome"],
+        read: |e, sink| {
+            for (name, stats) in e.inner.principals.rows() {
+                for (o, c) in Outcome::ALL.iter().zip(&stats.finished) {
+                    sink(
+                        &[&name, o.as_str()],
+                        Value::Number(c.load(Ordering::Relaxed)),
+                    );
+                }
+            }
+        },
+    },
+    Family {
+        name: "principal_workers_held",
+        kind: Kind::Gauge,
+        help: "Worker slots held by a principal's calls (what its max_running caps).",
+        labels: &["principal"],
+        read: |e, sink| {
+            for (row, (name, _)) in e.inner.principals.rows().iter().enumerate() {
+                let n = e.inner.scheduler.held(group_of(row)) as u64;
+                sink(&[name], Value::Number(n));
+            }
+        },
+    },
+    Family {
+        name: "memory_budget_bytes",
+        kind: Kind::Gauge,
+        help: "The daemon-wide memory budget (memory_budget).",
+        labels: &[],
+        read: |e, sink| sink(&[], Value::Number(e.inner.budget.limit() as u64)),
+    },
+    Family {
+        name: "memory_budget_used_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes held in jobs read (queued or running) and results not sent yet, all calls.",
+        labels: &[],
+        read: |e, sink| sink(&[], Value::Number(e.inner.budget.used() as u64)),
+    },
+    Family {
+        name: "memory_budget_peak_bytes",
+        kind: Kind::Gauge,
+        help: "The most memory_budget_used_bytes since start.",
+        labels: &[],
+        read: |e, sink| sink(&[], Value::Number(e.inner.budget.peak() as u64)),
+    },
+    Family {
+        name: "memory_budget_waits",
+        kind: Kind::Counter,
+        help: "Times a call stopped being read because the memory budget was used up.",
+        labels: &[],
+        read: |e, sink| sink(&[], Value::Number(e.inner.budget.waits())),
     },
     Family {
         name: "exec_groups_alive",

@@ -29,9 +29,14 @@ where
                     )));
                 }
                 let span = match self.trace.is_sampled() {
-                    true => trace::batch_span(self.trace.span(), &batch_id, jobs.len()),
+                    true => {
+                        let principal = self.principal.name();
+                        trace::batch_span(self.trace.span(), principal, &batch_id, jobs.len())
+                    }
                     false => tracing::Span::none(),
                 };
+                // The batch counts in the memory budget from the moment it is read.
+                self.pending_bytes = jobs.iter().map(JobRequest::held_size).sum();
                 self.pending = Some((batch_id, jobs.into_iter(), span));
             }
             Command::Cancel { batch_id, job_ids } => {
@@ -79,6 +84,8 @@ where
         }
         if jobs.len() > 0 {
             self.pending = Some((batch_id, jobs, span));
+        } else {
+            self.pending_bytes = 0;
         }
         self.lane.want(admitted);
         Ok(())
@@ -94,12 +101,14 @@ where
     ) -> bool {
         let checked = self.check(&job);
         let bytes = job.held_size();
+        // Read with its batch: from now on its bytes are the job's, or go with its rejection.
+        self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
         let row = match &checked {
             Ok((row, _, _)) => *row,
             Err(_) => self.row_of(&job.handler),
         };
         let span = match self.trace.is_sampled() {
-            true => trace::job_span(batch_span, &job.id, &job.handler),
+            true => trace::job_span(batch_span, self.principal.name(), &job.id, &job.handler),
             false => JobSpan::none(),
         };
         let vacant = match (checked.is_ok(), self.jobs.entry(job.id.clone())) {
@@ -163,6 +172,14 @@ where
         let limits = &self.engine.limits;
         if job.id.is_empty() {
             return Err("job id is empty".into());
+        }
+        // Before the handler's existence: a principal learns nothing of handlers it may not use.
+        if !self.principal.may_use(&job.handler) {
+            return Err(format!(
+                "handler {} is not allowed for principal {:?} (ListHandlers names the allowed ones)",
+                quote(&job.handler),
+                self.principal.name()
+            ));
         }
         let Some((row, handler)) = self.engine.handlers.0.get(&job.handler) else {
             return Err(format!(

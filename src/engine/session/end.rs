@@ -43,6 +43,7 @@ impl<S> Session<S> {
         self.queue.clear();
         self.drop_jobs(why);
         self.pending = None;
+        self.pending_bytes = 0;
         self.lane.release_all();
     }
 
@@ -128,5 +129,9 @@ impl<S> Drop for Session<S> {
         metrics.fold_times(&mut self.queue_times, &mut self.run_times);
         metrics.unbuffered(self.ready.len());
         metrics.call_closed();
+        self.fold_outcomes();
+        // Everything the call held goes with it.
+        self.engine.budget.update(self.budgeted, 0);
+        self.budgeted = 0;
     }
 }

@@ -263,3 +263,98 @@ fn tls_enabled_tells_whether_the_listener_serves_tls() {
     c.tls_key = "".into();
     assert!(c.validate().unwrap_err().to_string().contains("tls_key"));
 }
+
+/// The TLS acceptor's client certificate reaches the auth interceptor: with `[[principal]]`
+/// tables, an mTLS client is the principal its certificate names (no token), gets only that
+/// principal's handlers, and a certificate the client CAs signed that names no principal is
+/// UNAUTHENTICATED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_client_certificate_identifies_its_principal() {
+    use batchd::auth::PrincipalSpec;
+    use tonic::Code;
+
+    let (server_ca, clients) = (Ca::new("server CA"), Ca::new("clients"));
+    let files = Files::new(&server_ca.server(&[]), Some(&clients.pem()));
+    let ca_file = files.write("ca.crt", &server_ca.pem());
+    let server = TestServer::start(|c| {
+        c.tls_cert = files.cert();
+        c.tls_key = files.key();
+        c.tls_client_ca = files.client_ca();
+        c.principal = vec![
+            PrincipalSpec {
+                name: "thumbnailer".into(),
+                token_sha256: Default::default(),
+                client_cert: Some("CN=thumbnailer".into()),
+                handlers: Some(vec!["echo".into()]),
+                max_calls: None,
+                max_running: None,
+                weight: 1,
+            },
+            PrincipalSpec {
+                name: "admin".into(),
+                token_sha256: Default::default(),
+                client_cert: Some("CN=admin".into()),
+                handlers: None,
+                max_calls: None,
+                max_running: None,
+                weight: 1,
+            },
+        ];
+    });
+
+    let names = |target: Target| async move {
+        let mut client = client::connect_to(&target).await?;
+        let list = client.list_handlers(ListHandlersRequest {}).await;
+        let list = list.map_err(|status| target.explain(ClientError::from_status(status)))?;
+        let mut names: Vec<String> = list.into_inner().handlers.into_iter().map(|h| h.name).collect();
+        names.sort();
+        Ok::<_, ClientError>(names)
+    };
+    let thumbnailer = files.write_client("thumbnailer", &clients.client("thumbnailer"));
+    let admin = files.write_client("admin", &clients.client("admin"));
+    let nobody = files.write_client("nobody", &clients.client("nobody"));
+
+    let seen = names(target(server.addr, &ca_file, Some(thumbnailer.clone())))
+        .await
+        .unwrap();
+    assert_eq!(seen, ["echo"], "thumbnailer's certificate: only its handlers");
+    let all = names(target(server.addr, &ca_file, Some(admin))).await.unwrap();
+    assert!(all.len() > 1 && all.contains(&"sha256".to_owned()), "{all:?}");
+
+    // A job outside thumbnailer's handlers gets its own REJECTED result naming it.
+    let mut client = client::connect_to(&target(server.addr, &ca_file, Some(thumbnailer)))
+        .await
+        .unwrap();
+    let results = client
+        .run_batch(proto::JobBatch {
+            batch_id: "b".into(),
+            jobs: vec![
+                support::job("ok", "echo", b"hi", &[]),
+                support::job("no", "sha256", b"hi", &[]),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut results = results;
+    let mut outcomes = Vec::new();
+    while let Some(msg) = results.message().await.unwrap() {
+        for r in msg.results {
+            outcomes.push((r.job_id.clone(), r.outcome, r.error.clone()));
+        }
+    }
+    outcomes.sort();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert_eq!(outcomes[1].0, "ok");
+    assert_eq!(outcomes[1].1, proto::Outcome::Ok as i32, "{outcomes:?}");
+    assert_eq!(outcomes[0].1, proto::Outcome::Rejected as i32, "{outcomes:?}");
+    assert!(outcomes[0].2.contains("thumbnailer"), "{outcomes:?}");
+
+    // Signed by the client CA, but naming no principal.
+    match names(target(server.addr, &ca_file, Some(nobody))).await {
+        Err(ClientError::Call(status)) => {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}")
+        }
+        other => panic!("a certificate of no principal: {other:?}"),
+    }
+}

@@ -1,4 +1,5 @@
 use super::pipes::{read_capped, read_tail, Tail, STDERR_TAIL};
+use super::spec::Arg;
 use super::*;
 
 fn spec(command: &[&str], params: &[(&str, &str)]) -> ExecSpec {

@@ -237,9 +237,12 @@ impl ExecSpec {
                     "a param name is ASCII letters, digits and '_', not starting with a digit",
                 ));
             }
-            // \A and \z anchor the whole value whatever the rule's own anchors or flags are.
-            let regex = Regex::new(&format!(r"\A(?:{source})\z"))
-                .map_err(|e| self.error(&field, format!("bad regex {source:?}: {e}")))?;
+            // \A and \z anchor the whole value whatever the rule's own anchors or flags are. The
+            // rule must be a regex on its own first: `a)|(b` would close the group early and
+            // leave each anchor on one branch only.
+            let bad = |e: regex::Error| self.error(&field, format!("bad regex {source:?}: {e}"));
+            Regex::new(source).map_err(bad)?;
+            let regex = Regex::new(&format!(r"\A(?:{source})\z")).map_err(bad)?;
             rules.insert(
                 param.clone(),
                 Rule {

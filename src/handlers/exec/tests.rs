@@ -75,6 +75,24 @@ fn errors_name_the_handler_and_the_field() {
 }
 
 #[test]
+fn a_rule_cannot_escape_the_whole_value_anchors() {
+    // Found by fuzz/fuzz_targets/exec_template.rs: wrapped as `\A(?:rule)\z`, the rule
+    // `[0-9]+)|(.*` compiled into `\A(?:[0-9]+)|(.*)\z`, which matches every value.
+    for rule in ["[0-9]+)|(.*", "(?i))|(", "a)(?:b"] {
+        let s = spec(&["convert", "{size}"], &[("size", rule)]);
+        let msg = compile_error(&s);
+        assert!(msg.contains("params.size: bad regex"), "{rule}: {msg}");
+    }
+    let exec = Exec::new(
+        &spec(&["convert", "{size}"], &[("size", "[0-9]+|x")]),
+        &Reaper::new(),
+    )
+    .unwrap();
+    assert!(exec.check(&params(&[("size", "12")])).is_ok());
+    assert!(exec.check(&params(&[("size", "12; rm -rf /")])).is_err());
+}
+
+#[test]
 fn validation_against_the_daemon() {
     let max_out = crate::units::ByteSize::mib(8);
     let max_t = Duration::from_secs(3600);

@@ -240,9 +240,13 @@ impl ExecSpec {
             // \A and \z anchor the whole value whatever the rule's own anchors or flags are. The
             // rule must be a regex on its own first: `a)|(b` would close the group early and
             // leave each anchor on one branch only.
-            let bad = |e: regex::Error| self.error(&field, format!("bad regex {source:?}: {e}"));
-            Regex::new(source).map_err(bad)?;
-            let regex = Regex::new(&format!(r"\A(?:{source})\z")).map_err(bad)?;
+            let bad = |e: &dyn std::fmt::Display| {
+                self.error(&field, format!("bad regex {source:?}: {e}"))
+            };
+            regex_syntax::Parser::new()
+                .parse(source)
+                .map_err(|e| bad(&e))?;
+            let regex = Regex::new(&format!(r"\A(?:{source})\z")).map_err(|e| bad(&e))?;
             rules.insert(
                 param.clone(),
                 Rule {

@@ -2,7 +2,8 @@
 """Writes the committed seed corpora (fuzz/seeds/<target>/): a handful of well-formed inputs per
 target, so the fuzzer starts from the shapes real clients and operators send. Run it from any
 directory; it rewrites the files it owns (names starting with `seed-`) and leaves the others
-(`regression-*`: inputs that once found a bug) alone."""
+(`regression-*`: inputs that found a bug in batchd; `corner-*`: corner cases the fuzzer found
+that the targets' properties first got wrong) alone."""
 
 import hashlib
 import os

@@ -263,14 +263,36 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut table = match &flags.config {
-            Some(path) => read_file(path)?,
-            None => toml::Table::new(),
+        let table = match &flags.config {
+            Some(path) => {
+                let origin = format!("config file {}", path.display());
+                Some((read_file(path)?, origin))
+            }
+            None => None,
         };
-        let origin = |p: &Path| format!("config file {}", p.display());
-        check(&table, || {
-            flags.config.as_deref().map_or("defaults".into(), origin)
-        })?;
+        Self::layered(table, flags, env)
+    }
+
+    /// The config of a TOML text alone (no environment, no flags), parsed and validated as
+    /// [`Config::load`] does a config file: for checking a file's text, and for fuzzing.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let origin = "config text".to_owned();
+        let table = parse_table(text, &origin)?;
+        Self::layered(Some((table, origin)), &Flags::default(), std::iter::empty())
+    }
+
+    /// The defaults, overlaid with the file's table (with its origin), `env` and `flags`, then
+    /// validated.
+    fn layered<I>(
+        file: Option<(toml::Table, String)>,
+        flags: &Flags,
+        env: I,
+    ) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let (mut table, origin) = file.unwrap_or_else(|| (toml::Table::new(), "defaults".into()));
+        check(&table, || origin)?;
 
         let fields = field_names();
         let mut env: Vec<_> = env
@@ -519,8 +541,12 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
+    parse_table(&text, &format!("config file {}", path.display()))
+}
+
+fn parse_table(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-        origin: format!("config file {}", path.display()),
+        origin: origin.to_owned(),
         message: e.to_string(),
     })
 }

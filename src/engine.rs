@@ -286,6 +286,16 @@ impl Engine {
         })
     }
 
+    /// Checks one job of `principal` as a call's session does before admitting it (job id, handler
+    /// allowed and known, payload size, timeout, the handler's params check), without a call:
+    /// the timeout it would run with, or the message of its REJECTED result. Fuzzing and tests
+    /// reach admission through it.
+    pub fn check_job(&self, principal: &Principal, job: &JobRequest) -> Result<Duration, String> {
+        self.inner
+            .check(principal, job)
+            .map(|(_, _, timeout)| timeout)
+    }
+
     /// The engine's live counters, gauges and histograms; exporters read them through
     /// [`metrics::families`].
     pub fn metrics(&self) -> &Metrics {

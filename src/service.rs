@@ -166,7 +166,10 @@ fn respond(results: ResultStream) -> ResponseStream {
     }))
 }
 
-fn command(msg: proto::ProcessRequest) -> Result<Command, Error> {
+/// What one `ProcessRequest` of a `Process` call asks of its session: a batch to admit or a
+/// cancel; a message with neither is INVALID_ARGUMENT. (Public for fuzzing: the conversion the
+/// service applies to every message it reads.)
+pub fn command(msg: proto::ProcessRequest) -> Result<Command, Error> {
     match msg.kind {
         Some(Kind::Batch(batch)) => Ok(submit(batch)),
         Some(Kind::Cancel(c)) => Ok(Command::Cancel {

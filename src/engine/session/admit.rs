@@ -8,8 +8,10 @@ use futures_util::Stream;
 
 use super::{Queued, Session, Slot};
 use crate::engine::job::{Command, JobRequest, JobResult, Outcome};
+use crate::engine::principal::Principal;
 use crate::engine::running::RunningJob;
 use crate::engine::trace::{self, JobSpan};
+use crate::engine::Inner;
 use crate::error::Error;
 use crate::handlers::{quote, Handler};
 
@@ -169,42 +171,7 @@ where
 
     /// Why the job cannot be admitted, or its handler's metrics row, the handler and the timeout.
     fn check(&self, job: &JobRequest) -> Result<(usize, Arc<dyn Handler>, Duration), String> {
-        let limits = &self.engine.limits;
-        if job.id.is_empty() {
-            return Err("job id is empty".into());
-        }
-        // Before the handler's existence: a principal learns nothing of handlers it may not use.
-        if !self.principal.may_use(&job.handler) {
-            return Err(format!(
-                "handler {} is not allowed for principal {:?} (ListHandlers names the allowed ones)",
-                quote(&job.handler),
-                self.principal.name()
-            ));
-        }
-        let Some((row, handler)) = self.engine.handlers.0.get(&job.handler) else {
-            return Err(format!(
-                "unknown handler {} (ListHandlers names the known ones)",
-                quote(&job.handler)
-            ));
-        };
-        if job.payload.len() > limits.max_payload {
-            return Err(format!(
-                "payload of {} bytes is over max_payload ({} bytes)",
-                job.payload.len(),
-                limits.max_payload
-            ));
-        }
-        let cap = handler.timeout().unwrap_or(limits.max_job_timeout);
-        let timeout = match job.timeout {
-            None => handler.timeout().unwrap_or(limits.default_job_timeout),
-            Some(t) if t.is_zero() => return Err("timeout must be positive".into()),
-            Some(t) => t,
-        };
-        let timeout = timeout.min(cap).min(limits.max_job_timeout);
-        handler
-            .check(&job.params)
-            .map_err(|e| format!("bad params for handler {}: {e}", quote(&job.handler)))?;
-        Ok((*row, Arc::clone(handler), timeout))
+        self.engine.check(&self.principal, job)
     }
 
     /// Cancels one unfinished job of `batch_id`: a queued one ends now. Returns whether the job is
@@ -243,5 +210,52 @@ where
         };
         self.push_ready(result, slot.handler_row, slot.span, Some("CancelJobs"));
         false
+    }
+}
+
+// The checks live on the engine, so that `Engine::check_job` runs the same code without a session.
+impl Inner {
+    /// Why the job cannot be admitted, or its handler's metrics row, the handler and the timeout.
+    pub(in crate::engine) fn check(
+        &self,
+        principal: &Principal,
+        job: &JobRequest,
+    ) -> Result<(usize, Arc<dyn Handler>, Duration), String> {
+        let limits = &self.limits;
+        if job.id.is_empty() {
+            return Err("job id is empty".into());
+        }
+        // Before the handler's existence: a principal learns nothing of handlers it may not use.
+        if !principal.may_use(&job.handler) {
+            return Err(format!(
+                "handler {} is not allowed for principal {:?} (ListHandlers names the allowed ones)",
+                quote(&job.handler),
+                principal.name()
+            ));
+        }
+        let Some((row, handler)) = self.handlers.0.get(&job.handler) else {
+            return Err(format!(
+                "unknown handler {} (ListHandlers names the known ones)",
+                quote(&job.handler)
+            ));
+        };
+        if job.payload.len() > limits.max_payload {
+            return Err(format!(
+                "payload of {} bytes is over max_payload ({} bytes)",
+                job.payload.len(),
+                limits.max_payload
+            ));
+        }
+        let cap = handler.timeout().unwrap_or(limits.max_job_timeout);
+        let timeout = match job.timeout {
+            None => handler.timeout().unwrap_or(limits.default_job_timeout),
+            Some(t) if t.is_zero() => return Err("timeout must be positive".into()),
+            Some(t) => t,
+        };
+        let timeout = timeout.min(cap).min(limits.max_job_timeout);
+        handler
+            .check(&job.params)
+            .map_err(|e| format!("bad params for handler {}: {e}", quote(&job.handler)))?;
+        Ok((*row, Arc::clone(handler), timeout))
     }
 }

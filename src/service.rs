@@ -177,7 +177,10 @@ fn gives_back(metadata: &MetadataMap) -> bool {
 }
 
 fn given_back(g: GivenBack) -> Option<proto::GivenBack> {
-    (!g.is_empty()).then(|| proto::GivenBack {
+    if g.is_empty() {
+        return None;
+    }
+    Some(proto::GivenBack {
         not_started: g.not_started,
         stopped: g.stopped,
     })

@@ -58,7 +58,7 @@ pub enum ClientError {
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
     /// Every replica was lost and none came back in time (`--reconnect-timeout`, `--deadline`).
-    #[error("no replica reachable for {}: {endpoints} ({reasons})", humantime::format_duration(*.waited))]
+    #[error("no replica of {endpoints} reachable for {:.1}s ({reasons})", .waited.as_secs_f64())]
     NoReplica {
         /// The endpoints, as given.
         endpoints: String,

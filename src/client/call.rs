@@ -32,7 +32,7 @@ use super::endpoints::Endpoints;
 use super::progress::Progress;
 use super::record::{outcome_name, LogRecord};
 use super::replicas::{CallId, CallSetup, Event, Pool, Timing};
-use super::{ClientError, Summary, Token, TraceHeaders};
+use super::{plural, ClientError, Summary, Token, TraceHeaders};
 use crate::outcome::Outcome;
 use crate::proto::{self, process_request::Kind};
 use crate::units::ByteSize;
@@ -344,6 +344,9 @@ struct Tracked<T> {
     place: Place,
     /// Counted in [`Summary::sent`] already.
     sent: bool,
+    /// Taken from a replica that saw it (lost, drained, gave it back): its next send is a
+    /// resubmission.
+    displaced: bool,
     resubmissions: u32,
 }
 
@@ -504,8 +507,7 @@ where
                         self.drained(replica, call, unsent, pool, progress);
                     }
                     let ids = back.not_started.into_iter().chain(back.stopped);
-                    let n = self.give_back(replica, call, ids, pool);
-                    self.summary.resubmitted += n;
+                    self.give_back(replica, call, ids, pool);
                 }
                 self.results(replica, call, msg.results, pool, progress)
                     .await?;
@@ -524,12 +526,11 @@ where
             } => {
                 self.unassign(&unsent);
                 let n = self.requeue(replica, call);
-                self.summary.resubmitted += n;
                 if let Some(why) = lost {
                     self.summary.replicas_lost += 1;
                     let resubmit = match n {
                         0 => String::new(),
-                        n => format!("; {} resubmitted", super::plural(n, "job")),
+                        n => format!("; {} without a result go to the others", plural(n, "job")),
                     };
                     progress.message(&format!(
                         "batchctl: lost replica {}: {why}{resubmit}",
@@ -537,9 +538,9 @@ where
                     ));
                 } else if n > 0 {
                     progress.message(&format!(
-                        "batchctl: replica {} ended its call; {} resubmitted",
+                        "batchctl: replica {} ended its call; {} without a result go to the others",
                         pool.name(replica),
-                        super::plural(n, "job")
+                        plural(n, "job")
                     ));
                 }
                 progress.tick(&self.summary);
@@ -603,7 +604,7 @@ where
             if let Some(t) = self.inflight.get_mut(&id) {
                 if t.place == Place::At(replica, call) {
                     t.place = Place::Resend;
-                    t.resubmissions += 1;
+                    t.displaced = true;
                     self.resend.push_back(id);
                     n += 1;
                 }
@@ -619,7 +620,7 @@ where
         for (id, t) in &mut self.inflight {
             if t.place == Place::At(replica, call) {
                 t.place = Place::Resend;
-                t.resubmissions += 1;
+                t.displaced = true;
                 self.resend.push_back(id.clone());
                 n += 1;
             }
@@ -689,6 +690,10 @@ where
             } else if !t.sent {
                 t.sent = true;
                 self.summary.sent += 1;
+            } else if t.displaced {
+                t.displaced = false;
+                t.resubmissions += 1;
+                self.summary.resubmitted += 1;
             }
         }
     }
@@ -795,6 +800,7 @@ where
                 tag: fed.tag,
                 place: Place::Building,
                 sent: false,
+                displaced: false,
                 resubmissions: 0,
             },
         );

@@ -159,9 +159,10 @@ struct Replica {
     failures: u32,
     /// Why it is not live (the last failure).
     error: Option<String>,
-    /// Whether its being down was said on stderr already.
+    /// Whether its being down was said on stderr already (so its coming back is said too).
     noted: bool,
-    was_live: bool,
+    /// Found by a resolution after the first one: its joining is said.
+    announce: bool,
 }
 
 #[derive(Clone)]
@@ -255,7 +256,7 @@ impl Pool {
                 error: None,
             });
             if let Some((name, how)) = how {
-                pool.add_replica(t, name, None, how);
+                pool.add_replica(t, name, None, how, false);
             }
         }
         Ok(pool)
@@ -646,7 +647,14 @@ impl Pool {
         }
     }
 
-    fn add_replica(&mut self, target: usize, name: String, addr: Option<SocketAddr>, how: How) {
+    fn add_replica(
+        &mut self,
+        target: usize,
+        name: String,
+        addr: Option<SocketAddr>,
+        how: How,
+        announce: bool,
+    ) {
         let replica = Replica {
             target,
             name,
@@ -657,7 +665,7 @@ impl Pool {
             failures: 0,
             error: None,
             noted: false,
-            was_live: false,
+            announce,
         };
         // A slot of a replica gone for good is reused: no job refers to it any more (its calls'
         // ids are never reused).
@@ -718,7 +726,7 @@ impl Pool {
         match res {
             Ok(opened) => {
                 self.next_call += 1;
-                let rejoined = r.noted || (self.ever_live && !r.was_live);
+                let rejoined = r.noted || r.announce;
                 r.state = State::Live(Conn {
                     call,
                     tx: Some(opened.tx),
@@ -729,7 +737,7 @@ impl Pool {
                 r.failures = 0;
                 r.error = None;
                 r.noted = false;
-                r.was_live = true;
+                r.announce = false;
                 self.ever_live = true;
                 Some(match rejoined {
                     true => Event::Note(format!("batchctl: replica {} is live", r.name)),
@@ -757,6 +765,7 @@ impl Pool {
         let Some(target) = self.targets.get_mut(t) else {
             return;
         };
+        let announce = target.resolved_once;
         target.resolved_once = true;
         let Target::Dns { host, port, scheme } = &target.target else {
             return;
@@ -807,7 +816,7 @@ impl Pool {
                 continue;
             };
             let name = format!("{url} (dns:///{host}:{port})");
-            self.add_replica(t, name, Some(addr), How::Endpoint(Box::new(ep)));
+            self.add_replica(t, name, Some(addr), How::Endpoint(Box::new(ep)), announce);
         }
     }
 }

@@ -22,8 +22,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 pub use call::{
-    BadInput, BadKind, CallOptions, DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_MAX_MESSAGE,
-    DEFAULT_RECONNECT_TIMEOUT, DEFAULT_RESOLVE_EVERY,
+    BadInput, BadKind, CallOptions, DEFAULT_KEEPALIVE, DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DEFAULT_MAX_MESSAGE, DEFAULT_RECONNECT_TIMEOUT, DEFAULT_RESOLVE_EVERY,
 };
 pub use endpoints::{scheme, Endpoints, Target};
 pub use jobline::{parse as parse_line, LineDefaults, LineError, LineJob};

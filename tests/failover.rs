@@ -222,3 +222,115 @@ async fn with_every_replica_killed_batchctl_exits_3_and_resume_finishes_the_run(
     assert_eq!(done.code, Some(EXIT_OK), "{}", done.stderr);
     assert_each_once_ok(&[&first, &second], JOBS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_spreads_files_over_replicas_and_survives_losing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("in");
+    std::fs::create_dir(&inputs).unwrap();
+    let n = 3_000;
+    for i in 0..n {
+        std::fs::write(inputs.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let joblog = dir.path().join("done.log");
+    let out = dir.path().join("out");
+    let [a, b, c] = three().await;
+    let endpoints = list(&[&a, &b, &c]);
+    let template = format!("{}/{{/}}.out", out.display());
+    let mut ctl = Ctl::spawn(
+        &[
+            "--endpoint",
+            &endpoints,
+            "map",
+            "sleep",
+            "--param",
+            "ms=3",
+            "-q",
+            "-r",
+            path_str(&inputs),
+            "--out",
+            &template,
+            "--joblog",
+            path_str(&joblog),
+        ],
+        None,
+    );
+    wait_for_results(&mut ctl, &joblog, n / 3).await;
+    b.signal("KILL");
+    let done = ctl.finish(RUN_LIMIT).await;
+
+    assert_eq!(done.code, Some(EXIT_OK), "{}", done.stderr);
+    // The job log has one line per finished job: each file exactly once, ok.
+    let mut seen = std::collections::HashMap::new();
+    for r in read_records(&joblog) {
+        assert_eq!(r["outcome"], "ok", "{r}");
+        *seen
+            .entry(r["id"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), n, "{}", done.stderr);
+    assert!(seen.values().all(|c| *c == 1), "a file finished twice");
+    for i in 0..n {
+        let got = std::fs::read_to_string(out.join(format!("f{i}.out"))).unwrap();
+        assert_eq!(got, format!("file {i}"));
+    }
+    assert!(
+        done.stderr
+            .contains(&format!("batchctl: lost replica {}: ", b.url)),
+        "{}",
+        done.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_is_lost_when_its_keepalive_pings_go_unanswered() {
+    // The library's runner (batchd::client::run), with pings every 500 ms: a daemon that stops
+    // answering without closing its connection (SIGSTOP: the kernel still acknowledges TCP) is
+    // lost within a second, and its jobs go to the other one.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 30_000;
+    let input = job_file(dir.path(), n);
+    let output = dir.path().join("out.jsonl");
+    let a = Daemon::serving(&[]).await;
+    let b = Daemon::serving(&[]).await;
+    let endpoints = batchd::client::Endpoints::parse(&[list(&[&a, &b])], false).unwrap();
+    let opts = batchd::client::RunOptions {
+        keepalive: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (file, out) = (
+        tokio::fs::File::open(&input).await.unwrap(),
+        tokio::fs::File::create(&output).await.unwrap(),
+    );
+    let run = tokio::spawn(async move {
+        let progress = batchd::client::Progress::new(false);
+        batchd::client::run(
+            &endpoints,
+            file,
+            out,
+            None::<tokio::io::Sink>,
+            &opts,
+            &progress,
+            std::future::pending(),
+        )
+        .await
+    });
+    let mut counter = LineCounter::new(&output);
+    support::wait_until("a third of the results", RUN_LIMIT, || {
+        counter.count() >= n / 3
+    })
+    .await;
+    b.signal("STOP");
+    let (summary, res) = within_limit(run).await;
+    b.signal("CONT");
+    res.unwrap_or_else(|e| panic!("{e}: {}", summary.line()));
+    assert_eq!(summary.replicas_lost, 1, "{}", summary.line());
+    assert!(summary.resubmitted > 0, "{}", summary.line());
+    assert_each_once_ok(&[&output], n);
+}
+
+async fn within_limit<T>(task: tokio::task::JoinHandle<T>) -> T {
+    support::within(RUN_LIMIT, "the run ends", task)
+        .await
+        .unwrap()
+}

@@ -56,6 +56,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`CallOptions::resolve_every`].
 pub const DEFAULT_RESOLVE_EVERY: Duration = Duration::from_secs(10);
+/// Default of [`CallOptions::keepalive`].
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// How a call sends, bounds and retries its jobs.
 #[derive(Debug, Clone)]
@@ -89,6 +91,9 @@ pub struct CallOptions {
     /// How often `dns:///` names are resolved again (also after every loss), so that new
     /// replicas join the run.
     pub resolve_every: Duration,
+    /// HTTP/2 keepalive pings on each replica's connection, this often and answered within as
+    /// long: a replica gone silent (a partition, a frozen host) is lost after at most twice this.
+    pub keepalive: Duration,
 }
 
 impl Default for CallOptions {
@@ -106,6 +111,7 @@ impl Default for CallOptions {
             token: None,
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
             resolve_every: DEFAULT_RESOLVE_EVERY,
+            keepalive: DEFAULT_KEEPALIVE,
         }
     }
 }
@@ -263,6 +269,7 @@ where
     };
     let timing = Timing {
         resolve_every: opts.resolve_every,
+        keepalive: opts.keepalive,
     };
     let res = match Pool::new(to.into(), setup, timing) {
         Ok(mut pool) => call.run(&mut pool, source, progress, interrupt).await,

@@ -44,11 +44,6 @@ use crate::proto::{self, batch_service_client::BatchServiceClient};
 const SERVICE: &str = "batchd.v1.BatchService";
 /// Longest a connection attempt (connect, health check, opening the call) may take.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
-/// HTTP/2 pings on every replica's connection: a replica that vanished without closing it (a
-/// partition, a frozen host) is lost after at most interval + timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a ping may go unanswered.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First pause before trying a lost replica again; doubles per failed attempt, with jitter.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// Longest pause between attempts.
@@ -72,11 +67,15 @@ pub(super) struct CallSetup {
     pub(super) trace: TraceHeaders,
 }
 
-/// How often names are resolved again, and how long to wait for a replica.
+/// How often names are resolved again, and how silent connections are found out.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Timing {
     /// Period of `dns:///` resolution.
     pub(super) resolve_every: Duration,
+    /// HTTP/2 pings on every replica's connection, this often, each answered within as long: a
+    /// replica that vanished without closing it (a partition, a frozen host) is lost after at
+    /// most twice this.
+    pub(super) keepalive: Duration,
 }
 
 /// What happened to the replicas, for the call core.
@@ -242,7 +241,8 @@ impl Pool {
             let t = pool.targets.len();
             let how = match &target {
                 Target::Url(url) => {
-                    Some((url.clone(), How::Endpoint(Box::new(endpoint(url, None)?))))
+                    let ep = endpoint(url, None, timing.keepalive)?;
+                    Some((url.clone(), How::Endpoint(Box::new(ep))))
                 }
                 Target::Client(c) => Some((target.name(), How::Client(c.clone()))),
                 Target::Channel(c) => Some((target.name(), How::Channel(c.clone()))),
@@ -477,7 +477,7 @@ impl Pool {
                 }
                 if self.timer.as_mut().poll(cx).is_ready() {
                     self.timer_at = None;
-                    self.start_due(Instant::now());
+                    self.start_due(Instant::now().max(at));
                     continue;
                 }
             }
@@ -812,7 +812,7 @@ impl Pool {
                 continue;
             }
             let (url, origin) = endpoints::address_urls(scheme, &host, port, addr);
-            let Ok(ep) = endpoint(&url, Some(&origin)) else {
+            let Ok(ep) = endpoint(&url, Some(&origin), self.timing.keepalive) else {
                 continue;
             };
             let name = format!("{url} (dns:///{host}:{port})");
@@ -846,10 +846,10 @@ impl Conn {
 }
 
 /// The transport to `url` with keepalive pings; `origin` is the authority its calls name.
-fn endpoint(url: &str, origin: Option<&str>) -> Result<Endpoint, ClientError> {
+fn endpoint(url: &str, origin: Option<&str>, keepalive: Duration) -> Result<Endpoint, ClientError> {
     let mut ep = transport(url)?
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive)
         .keep_alive_while_idle(true);
     if let Some(origin) = origin {
         let uri = origin

@@ -55,6 +55,9 @@ pub struct RunOptions {
     pub reconnect_timeout: Duration,
     /// How often `dns:///` names are resolved again.
     pub resolve_every: Duration,
+    /// HTTP/2 keepalive pings on each replica's connection (a silent replica is lost after twice
+    /// this).
+    pub keepalive: Duration,
 }
 
 impl Default for RunOptions {
@@ -84,6 +87,7 @@ impl RunOptions {
             token: call.token,
             reconnect_timeout: call.reconnect_timeout,
             resolve_every: call.resolve_every,
+            keepalive: call.keepalive,
         }
     }
 
@@ -102,6 +106,7 @@ impl RunOptions {
             token: self.token.clone(),
             reconnect_timeout: self.reconnect_timeout,
             resolve_every: self.resolve_every,
+            keepalive: self.keepalive,
         }
     }
 }

@@ -256,7 +256,7 @@ pub async fn connect(endpoint: &str) -> Result<BatchServiceClient<Channel>, Clie
 
 /// A connected channel to `endpoint`, for the service, health and reflection clients.
 pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
-    let ep = transport(endpoint)?;
+    let ep = transport(endpoint, None)?;
     ep.connect().await.map_err(|e| ClientError::Unreachable {
         endpoint: endpoint.to_owned(),
         reason: source_chain(&e),
@@ -264,12 +264,21 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
 }
 
 /// How every connection to a daemon at `uri` is made (timeouts, no Nagle): the one place, shared
-/// by [`channel`] and the replicas of a run.
-pub(crate) fn transport(uri: &str) -> Result<Endpoint, ClientError> {
-    Ok(Endpoint::from_shared(uri.to_owned())
+/// by [`channel`] and the replicas of a run. `origin` (`http://NAME:PORT`) is what the calls name
+/// when `uri` is one address of a `dns:///` name: their `:authority`, and the name a TLS server
+/// certificate must have (`ClientTlsConfig::domain_name`, else tonic checks the address).
+pub(crate) fn transport(uri: &str, origin: Option<&str>) -> Result<Endpoint, ClientError> {
+    let mut ep = Endpoint::from_shared(uri.to_owned())
         .map_err(|e| ClientError::BadEndpoint(uri.to_owned(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true))
+        .tcp_nodelay(true);
+    if let Some(origin) = origin {
+        let name = origin
+            .parse::<tonic::transport::Uri>()
+            .map_err(|e| ClientError::BadEndpoint(origin.to_owned(), e.to_string()))?;
+        ep = ep.origin(name);
+    }
+    Ok(ep)
 }
 
 /// `1 job`, `2 jobs`, `3 retries`.

@@ -224,17 +224,13 @@ fn unreachable(target: &Target, reason: String) -> ClientError {
 
 /// A channel to `url`, its calls naming `origin` (a `dns:///` name's address).
 async fn connect(url: &str, origin: Option<&str>) -> Result<Channel, ClientError> {
-    let mut ep = transport(url)?;
-    if let Some(origin) = origin {
-        let uri = origin
-            .parse::<Uri>()
-            .map_err(|e| ClientError::BadEndpoint(origin.to_owned(), e.to_string()))?;
-        ep = ep.origin(uri);
-    }
-    ep.connect().await.map_err(|e| ClientError::Unreachable {
-        endpoint: url.to_owned(),
-        reason: source_chain(&e),
-    })
+    transport(url, origin)?
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unreachable {
+            endpoint: url.to_owned(),
+            reason: source_chain(&e),
+        })
 }
 
 /// `host:port` → (`host`, port); `[::1]:50051` → (`::1`, 50051). `None` without a valid port.

@@ -847,17 +847,10 @@ impl Conn {
 
 /// The transport to `url` with keepalive pings; `origin` is the authority its calls name.
 fn endpoint(url: &str, origin: Option<&str>, keepalive: Duration) -> Result<Endpoint, ClientError> {
-    let mut ep = transport(url)?
+    Ok(transport(url, origin)?
         .http2_keep_alive_interval(keepalive)
         .keep_alive_timeout(keepalive)
-        .keep_alive_while_idle(true);
-    if let Some(origin) = origin {
-        let uri = origin
-            .parse::<tonic::transport::Uri>()
-            .map_err(|e| ClientError::BadEndpoint(origin.to_owned(), e.to_string()))?;
-        ep = ep.origin(uri);
-    }
-    Ok(ep)
+        .keep_alive_while_idle(true))
 }
 
 /// Connects, checks health and opens the call.

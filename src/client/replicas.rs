@@ -130,6 +130,9 @@ pub(super) struct Pool {
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
     next_call: CallId,
+    /// Numbers connection attempts, so that an attempt's end is matched to its replica even
+    /// after the replica's slot was reused.
+    next_attempt: u64,
     /// Where the next scan of the replicas starts, so none is always served first.
     turn: usize,
     ever_live: bool,
@@ -162,6 +165,8 @@ struct Replica {
     noted: bool,
     /// Found by a resolution after the first one: its joining is said.
     announce: bool,
+    /// The number of its latest connection attempt (0: none yet).
+    attempt: u64,
 }
 
 #[derive(Clone)]
@@ -193,6 +198,7 @@ struct Conn {
 enum Done {
     Connected {
         replica: usize,
+        attempt: u64,
         res: Result<Box<Opened>, Failure>,
     },
     Resolved {
@@ -232,6 +238,7 @@ impl Pool {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             timer_at: None,
             next_call: 0,
+            next_attempt: 0,
             turn: 0,
             ever_live: false,
             finishing: false,
@@ -666,6 +673,7 @@ impl Pool {
             error: None,
             noted: false,
             announce,
+            attempt: 0,
         };
         // A slot of a replica gone for good is reused: no job refers to it any more (its calls'
         // ids are never reused).
@@ -687,8 +695,11 @@ impl Pool {
     }
 
     fn connect(&mut self, i: usize) {
+        self.next_attempt += 1;
+        let attempt = self.next_attempt;
         let r = &mut self.replicas[i];
         r.state = State::Connecting;
+        r.attempt = attempt;
         let how = r.how.clone();
         let setup = self.setup.clone();
         self.tasks.push(Box::pin(async move {
@@ -699,14 +710,22 @@ impl Pool {
                     humantime::format_duration(CONNECT_LIMIT)
                 ))),
             };
-            Done::Connected { replica: i, res }
+            Done::Connected {
+                replica: i,
+                attempt,
+                res,
+            }
         }));
     }
 
     /// Takes in a finished task; returns what the call core should hear of it.
     fn done(&mut self, done: Done) -> Option<Event> {
         match done {
-            Done::Connected { replica, res } => self.connected(replica, res),
+            Done::Connected {
+                replica,
+                attempt,
+                res,
+            } => self.connected(replica, attempt, res),
             Done::Resolved { target, res } => {
                 self.resolved(target, res);
                 Some(Event::Changed)
@@ -714,13 +733,18 @@ impl Pool {
         }
     }
 
-    fn connected(&mut self, i: usize, res: Result<Box<Opened>, Failure>) -> Option<Event> {
+    fn connected(
+        &mut self,
+        i: usize,
+        attempt: u64,
+        res: Result<Box<Opened>, Failure>,
+    ) -> Option<Event> {
         let finishing = self.finishing;
         let call = self.next_call;
         let r = self.replicas.get_mut(i)?;
-        if !matches!(r.state, State::Connecting) || finishing {
-            // Gone meanwhile (its address left the name, or the run is over): the connection
-            // is dropped here.
+        if !matches!(r.state, State::Connecting) || r.attempt != attempt || finishing {
+            // Gone meanwhile (its address left the name, or the run is over), or the attempt
+            // was of an earlier replica whose slot this one reused: the connection is dropped.
             return Some(Event::Changed);
         }
         match res {
@@ -1001,6 +1025,66 @@ mod tests {
         }
         let spread: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(3)).collect();
         assert!(spread.len() > 10, "jittered: {spread:?}");
+    }
+
+    /// A pool over one `dns:///` name whose first address is connecting; nothing is polled, so
+    /// attempts end only when the test says so.
+    fn dns_pool(first: SocketAddr) -> Pool {
+        let endpoints = Endpoints::parse(&["dns:///replicas.invalid:50051"], false).unwrap();
+        let timing = Timing {
+            resolve_every: Duration::from_secs(60),
+            keepalive: Duration::from_secs(60),
+        };
+        let setup = CallSetup {
+            deadline: None,
+            token: None,
+            trace: TraceHeaders {
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                tracestate: None,
+            },
+        };
+        let mut pool = Pool::new(endpoints, setup, timing).unwrap();
+        pool.resolved(0, Ok(vec![first]));
+        assert_eq!((pool.replicas.len(), pool.replicas[0].attempt), (1, 1));
+        pool
+    }
+
+    #[tokio::test]
+    async fn a_stale_attempt_does_not_touch_the_replica_that_reused_its_slot() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:50051".parse().unwrap(),
+            "10.0.0.2:50051".parse().unwrap(),
+        );
+        let mut pool = dns_pool(a);
+        // `a` leaves the name while connecting and `b` joins: `b` takes slot 0.
+        pool.resolved(0, Ok(vec![b]));
+        assert_eq!(pool.replicas.len(), 1);
+        assert_eq!(pool.replicas[0].addr, Some(b));
+        assert!(matches!(pool.replicas[0].state, State::Connecting));
+        // `a`'s attempt (number 1) ends now: it must neither mark `b` down nor end the run.
+        let stale = Done::Connected {
+            replica: 0,
+            attempt: 1,
+            res: Err(Failure::Retry("connection refused".into())),
+        };
+        assert!(matches!(pool.done(stale), Some(Event::Changed)));
+        assert!(matches!(pool.replicas[0].state, State::Connecting));
+        assert_eq!(pool.replicas[0].failures, 0);
+        let stale = Done::Connected {
+            replica: 0,
+            attempt: 1,
+            res: Err(Failure::Fatal(Status::unauthenticated("stale"))),
+        };
+        assert!(matches!(pool.done(stale), Some(Event::Changed)));
+        // `b`'s own attempt is still heard.
+        let own = Done::Connected {
+            replica: 0,
+            attempt: pool.replicas[0].attempt,
+            res: Err(Failure::Retry("connection refused".into())),
+        };
+        assert!(pool.done(own).is_some());
+        assert!(matches!(pool.replicas[0].state, State::Down { .. }));
+        assert_eq!(pool.replicas[0].failures, 1);
     }
 
     #[test]

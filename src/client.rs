@@ -1,13 +1,16 @@
 //! The client side, shared by `batchctl`, the tests and Rust users: connect, run job files, map
-//! files, query.
+//! files, query; over one daemon or spread over several replicas, resubmitting what a lost
+//! replica left unanswered ([`replicas`]).
 
 pub mod call;
+pub mod endpoints;
 mod jobline;
 mod jsonl;
 mod lines;
 pub mod map;
 mod progress;
 mod record;
+pub mod replicas;
 mod run;
 mod template;
 mod token;
@@ -18,7 +21,11 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-pub use call::{BadInput, BadKind, CallOptions, DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_MAX_MESSAGE};
+pub use call::{
+    BadInput, BadKind, CallOptions, DEFAULT_KEEPALIVE, DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DEFAULT_MAX_MESSAGE, DEFAULT_RECONNECT_TIMEOUT, DEFAULT_RESOLVE_EVERY,
+};
+pub use endpoints::{scheme, Endpoints, Target};
 pub use jobline::{parse as parse_line, LineDefaults, LineError, LineJob};
 pub use jsonl::JsonlSink;
 pub use lines::{Line, LineDecoder};
@@ -50,6 +57,16 @@ pub enum ClientError {
     /// The endpoint is not a valid URL.
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
+    /// Every replica was lost and none came back in time (`--reconnect-timeout`, `--deadline`).
+    #[error("no replica of {endpoints} reachable for {:.1}s ({reasons})", .waited.as_secs_f64())]
+    NoReplica {
+        /// The endpoints, as given.
+        endpoints: String,
+        /// How long the run waited for one.
+        waited: Duration,
+        /// The last error of each replica.
+        reasons: String,
+    },
     /// The call ended with an error status.
     #[error("the call failed: {}: {}", .0.code(), .0.message())]
     Call(tonic::Status),
@@ -94,6 +111,17 @@ pub struct Summary {
     pub interrupted: bool,
     /// Most payload bytes held at once (taken from the input, not answered yet).
     pub peak_bytes: u64,
+    /// Jobs sent again to another replica because theirs was lost or gave them back (each time
+    /// counts); at least once, such a job may have run twice.
+    pub resubmitted: u64,
+    /// Results dropped because their job already had one (or was no longer on that call).
+    pub duplicates_dropped: u64,
+    /// Times a replica was lost (its call failed, its connection closed, or it drained).
+    pub replicas_lost: u64,
+    /// Replicas with a live call, when last counted.
+    pub replicas_live: u64,
+    /// Replicas known (addresses of every endpoint), when last counted.
+    pub replicas_known: u64,
 }
 
 // === impl ClientError ===
@@ -176,6 +204,18 @@ impl Summary {
         if self.retried > 0 {
             parts.push(plural(self.retried, "retry"));
         }
+        if self.resubmitted > 0 {
+            parts.push(format!("{} resubmitted", self.resubmitted));
+        }
+        if self.duplicates_dropped > 0 {
+            parts.push(plural(self.duplicates_dropped, "duplicate result") + " dropped");
+        }
+        if self.replicas_known > 1 || self.replicas_lost > 0 {
+            parts.push(format!(
+                "replicas {}/{} live, {} lost",
+                self.replicas_live, self.replicas_known, self.replicas_lost
+            ));
+        }
         parts.join(", ")
     }
 
@@ -216,14 +256,29 @@ pub async fn connect(endpoint: &str) -> Result<BatchServiceClient<Channel>, Clie
 
 /// A connected channel to `endpoint`, for the service, health and reflection clients.
 pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
-    let ep = Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| ClientError::BadEndpoint(endpoint.to_owned(), e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+    let ep = transport(endpoint, None)?;
     ep.connect().await.map_err(|e| ClientError::Unreachable {
         endpoint: endpoint.to_owned(),
         reason: source_chain(&e),
     })
+}
+
+/// How every connection to a daemon at `uri` is made (timeouts, no Nagle): the one place, shared
+/// by [`channel`] and the replicas of a run. `origin` (`http://NAME:PORT`) is what the calls name
+/// when `uri` is one address of a `dns:///` name: their `:authority`, and the name a TLS server
+/// certificate must have (`ClientTlsConfig::domain_name`, else tonic checks the address).
+pub(crate) fn transport(uri: &str, origin: Option<&str>) -> Result<Endpoint, ClientError> {
+    let mut ep = Endpoint::from_shared(uri.to_owned())
+        .map_err(|e| ClientError::BadEndpoint(uri.to_owned(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if let Some(origin) = origin {
+        let name = origin
+            .parse::<tonic::transport::Uri>()
+            .map_err(|e| ClientError::BadEndpoint(origin.to_owned(), e.to_string()))?;
+        ep = ep.origin(name);
+    }
+    Ok(ep)
 }
 
 /// `1 job`, `2 jobs`, `3 retries`.

@@ -7,7 +7,7 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use batchd::client::{self, ClientError, Target};
+use batchd::client::{self, ClientError, Remote};
 use batchd::config::Config;
 use batchd::proto::{self, ListHandlersRequest};
 use batchd::server::incoming::{Incoming, Limits};
@@ -30,7 +30,7 @@ fn tls_server(files: &Files, mtls: bool) -> TestServer {
     })
 }
 
-async fn list_handlers(target: &Target) -> Result<usize, ClientError> {
+async fn list_handlers(target: &Remote) -> Result<usize, ClientError> {
     let mut client = client::connect_to(target).await?;
     let list = client
         .list_handlers(ListHandlersRequest {})
@@ -74,7 +74,7 @@ async fn serves_tls_only() {
     assert_eq!(msg.results[0].outcome, proto::Outcome::Ok as i32);
 
     // Plaintext HTTP/2 against it is closed, never served.
-    let plain = list_handlers(&Target::new(server.url())).await;
+    let plain = list_handlers(&Remote::new(server.url())).await;
     assert!(plain.is_err(), "{plain:?}");
     // The certificate served is the one in the files.
     let served = handshake(server.addr, &ca.pem(), None).await.unwrap();
@@ -302,11 +302,16 @@ async fn an_mtls_client_certificate_identifies_its_principal() {
         ];
     });
 
-    let names = |target: Target| async move {
+    let names = |target: Remote| async move {
         let mut client = client::connect_to(&target).await?;
         let list = client.list_handlers(ListHandlersRequest {}).await;
         let list = list.map_err(|status| target.explain(ClientError::from_status(status)))?;
-        let mut names: Vec<String> = list.into_inner().handlers.into_iter().map(|h| h.name).collect();
+        let mut names: Vec<String> = list
+            .into_inner()
+            .handlers
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
         names.sort();
         Ok::<_, ClientError>(names)
     };
@@ -317,9 +322,18 @@ async fn an_mtls_client_certificate_identifies_its_principal() {
     let seen = names(target(server.addr, &ca_file, Some(thumbnailer.clone())))
         .await
         .unwrap();
-    assert_eq!(seen, ["echo"], "thumbnailer's certificate: only its handlers");
-    let all = names(target(server.addr, &ca_file, Some(admin))).await.unwrap();
-    assert!(all.len() > 1 && all.contains(&"sha256".to_owned()), "{all:?}");
+    assert_eq!(
+        seen,
+        ["echo"],
+        "thumbnailer's certificate: only its handlers"
+    );
+    let all = names(target(server.addr, &ca_file, Some(admin)))
+        .await
+        .unwrap();
+    assert!(
+        all.len() > 1 && all.contains(&"sha256".to_owned()),
+        "{all:?}"
+    );
 
     // A job outside thumbnailer's handlers gets its own REJECTED result naming it.
     let mut client = client::connect_to(&target(server.addr, &ca_file, Some(thumbnailer)))
@@ -347,7 +361,11 @@ async fn an_mtls_client_certificate_identifies_its_principal() {
     assert_eq!(outcomes.len(), 2, "{outcomes:?}");
     assert_eq!(outcomes[1].0, "ok");
     assert_eq!(outcomes[1].1, proto::Outcome::Ok as i32, "{outcomes:?}");
-    assert_eq!(outcomes[0].1, proto::Outcome::Rejected as i32, "{outcomes:?}");
+    assert_eq!(
+        outcomes[0].1,
+        proto::Outcome::Rejected as i32,
+        "{outcomes:?}"
+    );
     assert!(outcomes[0].2.contains("thumbnailer"), "{outcomes:?}");
 
     // Signed by the client CA, but naming no principal.

@@ -241,3 +241,83 @@ async fn tls_on_one_side_only_is_named() {
     .await;
     assert_eq!(ok.code, Some(EXIT_OK), "{}", ok.stderr);
 }
+
+/// A bare `host:port` with a `--tls-*` option means `https://`; a `dns:///` name's addresses are
+/// checked against the name (not the address), which a certificate naming only `localhost` shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_addresses_and_dns_names_speak_tls_with_tls_options() {
+    let ca = Ca::new("CA");
+    let files = Files::new(&ca.server_named(&["localhost"]), None);
+    let ca_file = files.write("ca.crt", &ca.pem());
+    let server = TestServer::start(|c| {
+        c.tls_cert = files.cert();
+        c.tls_key = files.key();
+    });
+    let port = server.addr.port();
+    let ca_file = path_str(&ca_file);
+
+    let dns = format!("dns:///localhost:{port}");
+    let done = batchctl(&["--endpoint", &dns, "--tls-ca", ca_file, "handlers"]).await;
+    assert_eq!(done.code, Some(EXIT_OK), "{dns}: {}", done.stderr);
+    assert!(done.stdout.contains("echo"), "{}", done.stdout);
+
+    // The address alone is not a name the certificate holds.
+    let bare = format!("127.0.0.1:{port}");
+    let done = batchctl(&["--endpoint", &bare, "--tls-ca", ca_file, "handlers"]).await;
+    assert_eq!(done.code, Some(EXIT_UNREACHABLE), "{bare}: {}", done.stderr);
+    assert!(
+        done.stderr.contains("certificate: the daemon's certificate was refused")
+            && done.stderr.contains("not valid for name"),
+        "{bare} is https:// with --tls-ca: {}",
+        done.stderr
+    );
+    // ... unless --tls-server-name says which name to check.
+    let done = batchctl(&[
+        "--endpoint",
+        &bare,
+        "--tls-ca",
+        ca_file,
+        "--tls-server-name",
+        "localhost",
+        "health",
+    ])
+    .await;
+    assert_eq!(done.code, Some(EXIT_OK), "{bare}: {}", done.stderr);
+}
+
+/// `run` spreads its jobs over replicas and retries lost ones; a refused client certificate would
+/// be refused by every replica, so the run stops at once with exit 3 and says why, well before
+/// `--reconnect-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_without_a_client_certificate_stops_at_once_and_says_why() {
+    let (server_ca, clients) = (Ca::new("server CA"), Ca::new("clients"));
+    let files = Files::new(&server_ca.server(&[]), Some(&clients.pem()));
+    let ca = files.write("ca.crt", &server_ca.pem());
+    let (_server, endpoint) = tls_server(&files, true);
+    let jobs = write_lines(
+        files.dir.path(),
+        "jobs.jsonl",
+        (0..5).map(|i| echo_line(&format!("j{i}"), "hi")),
+    );
+    let started = std::time::Instant::now();
+    let done = batchctl(&[
+        "--endpoint",
+        &endpoint,
+        "--tls-ca",
+        path_str(&ca),
+        "run",
+        "-q",
+        "--reconnect-timeout",
+        "10m",
+        path_str(&jobs),
+    ])
+    .await;
+    assert_eq!(done.code, Some(EXIT_UNREACHABLE), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("certificate: the daemon requires a client certificate"),
+        "{}",
+        done.stderr
+    );
+    assert!(started.elapsed() < LIVENESS, "stopped at once");
+}

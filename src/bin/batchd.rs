@@ -80,7 +80,16 @@ async fn run(
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
     // Subreaper, clean-up after a crashed instance, isolation logged: before serving.
     exec::start_up(&reaper);
-    let res = serve(config, registry, &reaper, &telemetry, &mut signals, flags, tls).await;
+    let res = serve(
+        config,
+        registry,
+        &reaper,
+        &telemetry,
+        &mut signals,
+        flags,
+        tls,
+    )
+    .await;
     let finish = async {
         // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
         // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.

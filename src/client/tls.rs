@@ -6,7 +6,11 @@
 //! that arrives after the client's side of a TLS 1.3 handshake is done, and hyper then fails the
 //! first call with a bare "operation was canceled". The connector's streams keep what explains it
 //! (the first read error; a TLS record where plaintext HTTP/2 was expected) so that
-//! [`Target::explain`] can say what happened.
+//! [`Remote::explain`] and `Endpoints::explain` can say what happened, and a run over replicas can
+//! stop at once (a certificate refused by one is refused by all) instead of retrying.
+//!
+//! [`Transport`] is how every connection to one daemon address is made, for one-shot clients
+//! ([`Remote`]), the endpoints' channels and each replica of a run alike.
 
 use std::future::Future;
 use std::io;
@@ -26,21 +30,10 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 use tonic::codegen::http::Uri;
 use tonic::codegen::Service;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use super::ClientError;
-
-/// A daemon to connect to: its endpoint (`http://` or `https://`) and, for `https://`, how.
-#[derive(Debug, Clone, Default)]
-pub struct Target {
-    /// `http://host:port` (plaintext) or `https://host:port` (TLS).
-    pub endpoint: String,
-    /// TLS settings; they need an `https://` endpoint.
-    pub tls: ClientTls,
-    /// The first read error of a TLS connection to it (a TLS alert from the daemon).
-    alert: Alert,
-}
 
 /// TLS settings of a client (batchctl's `--tls-*` flags).
 #[derive(Debug, Clone, Default)]
@@ -55,11 +48,51 @@ pub struct ClientTls {
     pub server_name: Option<String>,
 }
 
-/// Where a connection's streams leave their first read error, shared by a target's clones.
-type Alert = Arc<Mutex<Option<String>>>;
+/// [`ClientTls`] read and checked: the rustls config every TLS connection of a client shares.
+#[derive(Clone)]
+pub struct TlsSetup {
+    config: Arc<ClientConfig>,
+    server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for TlsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSetup")
+            .field("server_name", &self.server_name)
+            .field(
+                "client_certificate",
+                &self.config.client_auth_cert_resolver.has_certs(),
+            )
+            .finish()
+    }
+}
+
+/// One daemon to connect to, plaintext (`http://`) or TLS (`https://`), for one-shot clients:
+/// its connections' failures are explained ([`Remote::explain`]).
+#[derive(Debug, Clone, Default)]
+pub struct Remote {
+    /// `http://host:port` (plaintext) or `https://host:port` (TLS).
+    pub endpoint: String,
+    /// TLS settings; they need an `https://` endpoint.
+    pub tls: ClientTls,
+    /// The first read error of a connection to it (a TLS alert from the daemon).
+    alert: Alert,
+}
+
+/// Where a client's connections leave their first read error (a TLS alert, or TLS where plaintext
+/// was expected), shared by the clones of what made them.
+pub(crate) type Alert = Arc<Mutex<Option<String>>>;
 
 /// What a plaintext connection records when the daemon answers with a TLS record.
-const SPEAKS_TLS: &str = "the daemon answered with TLS";
+pub(crate) const SPEAKS_TLS: &str = "the daemon answered with TLS";
+
+/// How the connections to one daemon address are made: the endpoint's settings, and the connector
+/// that does TCP, then TLS for `https://` (tonic's own TLS is not used: see the module's doc).
+#[derive(Clone)]
+pub(crate) struct Transport {
+    endpoint: Endpoint,
+    connector: Connector,
+}
 
 /// Connects TCP (then TLS, when configured) to the host and port of the URI tonic passes.
 #[derive(Clone)]
@@ -82,9 +115,9 @@ enum Stream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-// === impl Target ===
+// === impl Remote ===
 
-impl Target {
+impl Remote {
     /// A plaintext or TLS endpoint with default TLS settings (the system's CAs).
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
@@ -93,7 +126,7 @@ impl Target {
         }
     }
 
-    /// A target with these TLS settings.
+    /// A daemon reached with these TLS settings.
     pub fn with_tls(endpoint: impl Into<String>, tls: ClientTls) -> Self {
         Self {
             endpoint: endpoint.into(),
@@ -104,102 +137,192 @@ impl Target {
 
     /// Whether the endpoint is `https://`.
     pub fn is_tls(&self) -> bool {
-        self.endpoint
-            .get(..8)
-            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        is_https(&self.endpoint)
     }
 
     /// A failed call, told better when the daemon closed a TLS connection over a certificate or
     /// answered a plaintext one with TLS.
     pub fn explain(&self, e: ClientError) -> ClientError {
-        let ClientError::Call(status) = &e else {
-            return e;
-        };
-        if !matches!(
-            status.code(),
-            Code::Cancelled | Code::Unknown | Code::Unavailable | Code::Internal
-        ) {
-            return e;
-        }
-        let alert = self
-            .alert
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let endpoint = self.endpoint.clone();
-        match alert.as_deref() {
-            Some(SPEAKS_TLS) => ClientError::Unreachable {
-                endpoint,
-                reason: format!("{SPEAKS_TLS}: use https:// (and --tls-ca for its CA)"),
-            },
-            Some(alert) => match certificate_problem(alert) {
-                Some(reason) => ClientError::Certificate { endpoint, reason },
-                None => e,
-            },
-            None => e,
-        }
+        explain(&self.alert, &self.endpoint, e)
     }
 
-    /// The endpoint to connect to, checked with its TLS files: a file that cannot be used is a
-    /// usage error.
-    pub(super) fn prepare(&self) -> Result<Prepared, ClientError> {
-        let bad = |why: String| ClientError::BadEndpoint(self.endpoint.clone(), why);
-        if !self.is_tls() {
-            if let Some(flag) = self.tls.flag_set() {
-                return Err(bad(format!("{flag} needs an https:// endpoint")));
+    /// The transport to the endpoint, with its TLS files checked: a file that cannot be used, or
+    /// a TLS flag with an `http://` endpoint, is a usage error.
+    pub(super) fn transport(&self) -> Result<Transport, ClientError> {
+        let tls = match (self.is_tls(), self.tls.flag_set()) {
+            (false, Some(flag)) => {
+                return Err(ClientError::BadEndpoint(
+                    self.endpoint.clone(),
+                    format!("{flag} needs an https:// endpoint"),
+                ))
             }
-            let ep =
-                Endpoint::from_shared(self.endpoint.clone()).map_err(|e| bad(e.to_string()))?;
-            let connector = Connector {
-                tls: None,
-                alert: Arc::clone(&self.alert),
-            };
-            return Ok(Prepared(ep, connector));
-        }
-        // tonic connects to an http:// URI through the connector, which adds TLS; requests still
-        // say `https` (the origin).
-        let origin: Uri = self
-            .endpoint
-            .parse()
-            .map_err(|e: tonic::codegen::http::uri::InvalidUri| bad(e.to_string()))?;
-        let plain = format!("http://{}", &self.endpoint["https://".len()..]);
-        let ep = Endpoint::from_shared(plain)
-            .map_err(|e| bad(e.to_string()))?
-            .origin(origin);
-        let server_name = match &self.tls.server_name {
-            Some(name) => Some(
-                ServerName::try_from(name.clone())
-                    .map_err(|e| bad(format!("--tls-server-name {name:?}: {e}")))?,
-            ),
-            None => None,
+            (false, None) => None,
+            (true, _) => Some(self.tls.prepare()?),
         };
-        let connector = Connector {
-            tls: Some((Arc::new(self.tls.client_config()?), server_name)),
-            alert: Arc::clone(&self.alert),
-        };
-        Ok(Prepared(ep, connector))
+        Transport::new(&self.endpoint, None, tls.as_ref(), &self.alert)
     }
 }
 
-/// An endpoint ready to connect through its [`Connector`].
-pub(super) struct Prepared(Endpoint, Connector);
+/// Whether `url` is `https://…`.
+pub(crate) fn is_https(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
 
-impl Prepared {
-    /// Connects, after `setup` set the endpoint's options.
-    pub(super) async fn connect(
-        self,
-        setup: impl FnOnce(Endpoint) -> Endpoint,
-    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-        let Self(ep, connector) = self;
-        setup(ep).connect_with_connector(connector).await
+/// A failed call explained by what a connection recorded in `alert`: a certificate refused, or
+/// TLS where plaintext was expected. Other failures are returned as they are.
+pub(crate) fn explain(alert: &Alert, endpoint: &str, e: ClientError) -> ClientError {
+    let ClientError::Call(status) = &e else {
+        return e;
+    };
+    if !matches!(
+        status.code(),
+        Code::Cancelled | Code::Unknown | Code::Unavailable | Code::Internal
+    ) {
+        return e;
+    }
+    match alert_problem(alert) {
+        Some(Problem::SpeaksTls(reason)) => ClientError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            reason,
+        },
+        Some(Problem::Certificate(reason)) => ClientError::Certificate {
+            endpoint: endpoint.to_owned(),
+            reason,
+        },
+        None => e,
+    }
+}
+
+/// What a connection's recorded read error says, when it says something a user can act on.
+pub(crate) enum Problem {
+    /// A certificate was refused (`certificate: …`).
+    Certificate(String),
+    /// A plaintext connection got TLS.
+    SpeaksTls(String),
+}
+
+/// The problem `alert` holds, if any.
+pub(crate) fn alert_problem(alert: &Alert) -> Option<Problem> {
+    let alert = alert
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()?;
+    if alert == SPEAKS_TLS {
+        return Some(Problem::SpeaksTls(format!(
+            "{SPEAKS_TLS}: use https:// (and --tls-ca for its CA)"
+        )));
+    }
+    certificate_problem(&alert).map(Problem::Certificate)
+}
+
+// === impl Transport ===
+
+impl Transport {
+    /// The transport to `uri` (`http://` or `https://`; `https://` needs `tls`, else the system's
+    /// CAs are used), its calls naming `origin` when given (a `dns:///` name's address: the name
+    /// is also what the daemon's certificate must hold, unless `--tls-server-name` says otherwise).
+    pub(crate) fn new(
+        uri: &str,
+        origin: Option<&str>,
+        tls: Option<&TlsSetup>,
+        alert: &Alert,
+    ) -> Result<Self, ClientError> {
+        let bad = |why: String| ClientError::BadEndpoint(uri.to_owned(), why);
+        let parse = |s: &str| {
+            s.parse::<Uri>()
+                .map_err(|e| ClientError::BadEndpoint(s.to_owned(), e.to_string()))
+        };
+        if !is_https(uri) {
+            let mut endpoint =
+                Endpoint::from_shared(uri.to_owned()).map_err(|e| bad(e.to_string()))?;
+            if let Some(origin) = origin {
+                endpoint = endpoint.origin(parse(origin)?);
+            }
+            let connector = Connector {
+                tls: None,
+                alert: Arc::clone(alert),
+            };
+            return Ok(Self {
+                endpoint,
+                connector,
+            });
+        }
+        let default;
+        let tls = match tls {
+            Some(tls) => tls,
+            None => {
+                default = ClientTls::default().prepare()?;
+                &default
+            }
+        };
+        // tonic connects to an http:// URI through the connector, which adds TLS; requests still
+        // say `https` (the origin).
+        let origin = parse(origin.unwrap_or(uri))?;
+        let plain = format!("http://{}", &uri["https://".len()..]);
+        let endpoint = Endpoint::from_shared(plain)
+            .map_err(|e| bad(e.to_string()))?
+            .origin(origin.clone());
+        let name = match (&tls.server_name, origin.host()) {
+            (Some(name), _) => Some(name.clone()),
+            (None, Some(host)) => Some(
+                ServerName::try_from(
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                )
+                .map_err(|e| {
+                    bad(format!(
+                        "{host:?} cannot be checked against a certificate: {e}"
+                    ))
+                })?,
+            ),
+            (None, None) => None,
+        };
+        let connector = Connector {
+            tls: Some((Arc::clone(&tls.config), name)),
+            alert: Arc::clone(alert),
+        };
+        Ok(Self {
+            endpoint,
+            connector,
+        })
+    }
+
+    /// The transport with `f` applied to its endpoint's settings (timeouts, keepalive).
+    pub(crate) fn map(mut self, f: impl FnOnce(Endpoint) -> Endpoint) -> Self {
+        self.endpoint = f(self.endpoint);
+        self
+    }
+
+    /// Connects.
+    pub(crate) async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        self.endpoint
+            .connect_with_connector(self.connector.clone())
+            .await
+    }
+
+    /// Whether it speaks TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.connector.tls.is_some()
+    }
+
+    /// What its connections recorded that explains a failure.
+    pub(crate) fn problem(&self) -> Option<Problem> {
+        alert_problem(&self.connector.alert)
     }
 }
 
 // === impl ClientTls ===
 
 impl ClientTls {
+    /// Whether any TLS flag is set.
+    pub fn is_set(&self) -> bool {
+        self.flag_set().is_some()
+    }
+
     /// The first TLS flag that is set, for "needs https://".
-    fn flag_set(&self) -> Option<&'static str> {
+    pub(crate) fn flag_set(&self) -> Option<&'static str> {
         [
             (self.ca.is_some(), "--tls-ca"),
             (self.cert.is_some(), "--tls-cert"),
@@ -208,6 +331,21 @@ impl ClientTls {
         ]
         .into_iter()
         .find_map(|(set, flag)| set.then_some(flag))
+    }
+
+    /// Reads and checks the files: the config every connection shares.
+    pub fn prepare(&self) -> Result<TlsSetup, ClientError> {
+        let server_name = match &self.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|e| ClientError::Tls(format!("--tls-server-name {name:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(TlsSetup {
+            config: Arc::new(self.client_config()?),
+            server_name,
+        })
     }
 
     /// A rustls client config (ring, ALPN h2) from the files.
@@ -486,10 +624,10 @@ mod tests {
 
     #[test]
     fn tls_flags_need_https() {
-        let mut t = Target::new("http://127.0.0.1:1");
-        assert!(t.prepare().is_ok());
+        let mut t = Remote::new("http://127.0.0.1:1");
+        assert!(t.transport().is_ok());
         t.tls.server_name = Some("x".into());
-        let Err(e) = t.prepare() else {
+        let Err(e) = t.transport() else {
             panic!("--tls-server-name with http://")
         };
         let e = e.to_string();
@@ -497,7 +635,7 @@ mod tests {
             e.contains("--tls-server-name needs an https:// endpoint"),
             "{e}"
         );
-        assert!(Target::new("HTTPS://h:1").is_tls());
+        assert!(Remote::new("HTTPS://h:1").is_tls());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod batchctl;
 pub mod daemon;
+pub mod failover;
 pub mod jobs;
 pub mod map;
 pub mod otlp;

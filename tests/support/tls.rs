@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use batchd::client::{ClientTls, Target};
+use batchd::client::{ClientTls, Remote};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -59,6 +59,17 @@ impl Ca {
     pub fn server(&self, names: &[&str]) -> Leaf {
         let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
         sans.extend(names.iter().map(|n| (*n).to_owned()));
+        let mut params = CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "batchd test server");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A server certificate for `names` only (no IP address).
+    pub fn server_named(&self, names: &[&str]) -> Leaf {
+        let sans = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
         let mut params = CertificateParams::new(sans).unwrap();
         params
             .distinguished_name
@@ -163,9 +174,9 @@ pub fn replace(path: &Path, text: &str) {
 }
 
 /// A client target for `https://{addr}` trusting `ca` (a PEM file), with an optional identity.
-pub fn target(addr: SocketAddr, ca: &Path, identity: Option<(PathBuf, PathBuf)>) -> Target {
+pub fn target(addr: SocketAddr, ca: &Path, identity: Option<(PathBuf, PathBuf)>) -> Remote {
     let (cert, key) = identity.unzip();
-    Target::with_tls(
+    Remote::with_tls(
         format!("https://{addr}"),
         ClientTls {
             ca: Some(ca.to_owned()),

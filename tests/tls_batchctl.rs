@@ -266,7 +266,8 @@ async fn bare_addresses_and_dns_names_speak_tls_with_tls_options() {
     let done = batchctl(&["--endpoint", &bare, "--tls-ca", ca_file, "handlers"]).await;
     assert_eq!(done.code, Some(EXIT_UNREACHABLE), "{bare}: {}", done.stderr);
     assert!(
-        done.stderr.contains("certificate: the daemon's certificate was refused")
+        done.stderr
+            .contains("certificate: the daemon's certificate was refused")
             && done.stderr.contains("not valid for name"),
         "{bare} is https:// with --tls-ca: {}",
         done.stderr

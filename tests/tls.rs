@@ -376,3 +376,26 @@ async fn an_mtls_client_certificate_identifies_its_principal() {
         other => panic!("a certificate of no principal: {other:?}"),
     }
 }
+
+/// Bearer tokens over TLS are not readable on the path: a daemon with tokens that serves TLS on
+/// every address logs no plaintext warning (tests/principals_reload.rs shows it without TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_over_tls_off_loopback_are_not_warned_about() {
+    let ca = Ca::new("CA");
+    let files = Files::new(&ca.server(&[]), None);
+    let config = support::daemon::write_config(
+        &files.dir,
+        &support::principals::principal_toml("app", &["t"], ""),
+    );
+    let mut args = vec!["--config".to_owned(), config.display().to_string()];
+    args.extend(files.daemon_args(false));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::try_serving_on("0.0.0.0:0", &args)
+        .await
+        .expect("serves on 0.0.0.0:0");
+    daemon.signal("TERM");
+    assert!(daemon.exit().await.success());
+    let log = daemon.stderr();
+    assert!(log.contains("tls=\"tls\""), "{log}");
+    assert!(!log.contains("plaintext"), "{log}");
+}

@@ -7,7 +7,7 @@
 //! this process, to read the engine's counters and the runtime's live task count.
 //!
 //! Run all: `cargo bench --bench daemon`; one or more: `cargo bench --bench daemon -- recovery flood`.
-//! Scenarios: echo, recovery, idle, flood, churn, churn_inproc, one module each. Each prints
+//! Scenarios: echo, recovery, idle, flood, churn, churn_inproc, hostile (issue 11), one module each. Each prints
 //! `name: value` lines and the run ends with a check of every figure that has a target in the issue.
 //!
 //! Knobs (environment): `IDLE_CALLS` (default 10000), `FLOOD_CALLS` (default 4), `CHURN_ROUNDS`
@@ -23,6 +23,7 @@ mod churn;
 mod churn_inproc;
 mod echo;
 mod flood;
+mod hostile;
 mod idle;
 mod recovery;
 
@@ -32,10 +33,18 @@ use support::procfs;
 use support::report::{check_targets, Target};
 use support::scenarios::Scenarios;
 
-const SCENARIOS: [&str; 6] = ["echo", "recovery", "idle", "flood", "churn", "churn_inproc"];
+const SCENARIOS: [&str; 7] = [
+    "echo",
+    "recovery",
+    "idle",
+    "flood",
+    "churn",
+    "churn_inproc",
+    "hostile",
+];
 
-/// The figures that have a target in issue 2.
-const TARGETS: [Target; 7] = [
+/// The figures that have a target in issue 2 (and issue 11: what it measured before).
+const TARGETS: [Target; 9] = [
     Target::at_least(
         "echo_jobs_per_server_cpu_s",
         1_300_000.0,
@@ -62,6 +71,16 @@ const TARGETS: [Target; 7] = [
         "churn_inproc_leaked_tasks",
         0.0,
         "leaked tasks after 10,000 aborted calls",
+    ),
+    Target::at_most(
+        "hostile_silent_held_after_30s_pct",
+        0.0,
+        "silent connections still held 30 s after they opened (84 % before)",
+    ),
+    Target::at_most(
+        "hostile_silent_rss_per_conn_bytes",
+        15_600.0,
+        "RSS per connection that never completes HTTP/2 (15.6 KB before)",
     ),
 ];
 
@@ -91,6 +110,9 @@ fn main() {
     }
     if scenarios.run("churn_inproc") {
         rt.block_on(churn_inproc::run());
+    }
+    if scenarios.run("hostile") {
+        rt.block_on(hostile::run());
     }
     println!("total_bench_time_s: {:.1}", started.elapsed().as_secs_f64());
     check_targets(&TARGETS);

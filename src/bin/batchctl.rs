@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use batchd::client::map::MapInputs;
 use batchd::client::{
-    self, CallOptions, ClientError, Endpoints, LineDefaults, MapOptions, Progress, RunOptions,
-    Summary, Template,
+    self, CallOptions, ClientError, ClientTls, Endpoints, LineDefaults, MapOptions, Progress,
+    RunOptions, Summary, Template,
 };
 use batchd::proto::batch_service_client::BatchServiceClient;
 use batchd::telemetry::{ClientTelemetry, RunEnd, RunTrace};
@@ -42,17 +42,64 @@ const EXIT_INTERRUPTED: u8 = 130;
 #[derive(Debug, Parser)]
 #[command(name = "batchctl", version, max_term_width = 100)]
 struct Cli {
-    /// The daemon's address: http://HOST:PORT, HOST:PORT, or dns:///NAME:PORT for every address
-    /// of NAME (one replica each, e.g. a headless Service). A comma-separated list, repeatable:
-    /// jobs are spread over the replicas, and a lost replica's unanswered jobs go to the others
+    /// The daemon's address: http://HOST:PORT, https://HOST:PORT (TLS), HOST:PORT (https:// with
+    /// --tls-* options), or dns:///NAME:PORT for every address of NAME (one replica each, e.g. a
+    /// headless Service). A comma-separated list, repeatable: jobs are spread over the replicas,
+    /// and a lost replica's unanswered jobs go to the others
     #[arg(long, global = true, env = "BATCHD_ENDPOINT", value_name = "ENDPOINT",
           default_value = client::DEFAULT_ENDPOINT)]
     endpoint: Vec<String>,
     /// File holding the bearer token for a daemon with principals (else $BATCHD_TOKEN, the token)
     #[arg(long, global = true, env = "BATCHD_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsFlags,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS of https:// endpoints. The variables are not BATCHD_TLS_CERT/KEY: those set the daemon's own.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "TLS (https:// endpoints)")]
+struct TlsFlags {
+    /// CA certificates (PEM) that sign the daemon's certificate [default: the system's]
+    #[arg(long, global = true, env = "BATCHD_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a daemon that requires one (mTLS); with --tls-key
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_CLIENT_CERT",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_CLIENT_KEY",
+        value_name = "FILE"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Name the daemon's certificate must hold [default: the endpoint's host]
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
+    tls_server_name: Option<String>,
+}
+
+impl TlsFlags {
+    fn settings(&self) -> ClientTls {
+        ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,13 +256,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_INPUT);
         }
     };
-    let endpoints = match Endpoints::parse(&cli.endpoint, tls_wanted(&cli)) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("batchctl: {e}");
-            return ExitCode::from(EXIT_INPUT);
-        }
-    };
+    let tls = cli.tls.settings();
+    let endpoints =
+        match Endpoints::parse(&cli.endpoint, tls.is_set()).and_then(|e| e.with_tls(&tls)) {
+            Ok(e) => e,
+            Err(e) => {
+                let fail = Fail::from(e);
+                eprintln!("batchctl: {}", fail.message);
+                return ExitCode::from(fail.code);
+            }
+        };
     let code = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => traced(&endpoints, token, Work::Run(args)).await,
@@ -240,12 +290,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether TLS options are given: bare `host:port` and `dns:///` endpoints then mean `https://`
-/// ([`client::scheme`]). None exist yet.
-fn tls_wanted(_cli: &Cli) -> bool {
-    false
-}
-
 /// Why batchctl stops early: the one line for stderr and the exit code.
 #[derive(Debug)]
 struct Fail {
@@ -256,10 +300,13 @@ struct Fail {
 impl From<ClientError> for Fail {
     fn from(e: ClientError) -> Self {
         let code = match &e {
-            ClientError::Unreachable { .. } | ClientError::NoReplica { .. } => EXIT_UNREACHABLE,
-            ClientError::BadEndpoint(..) | ClientError::Bad(_) | ClientError::Input(_) => {
-                EXIT_INPUT
-            }
+            ClientError::Unreachable { .. }
+            | ClientError::NoReplica { .. }
+            | ClientError::Certificate { .. } => EXIT_UNREACHABLE,
+            ClientError::BadEndpoint(..)
+            | ClientError::Tls(_)
+            | ClientError::Bad(_)
+            | ClientError::Input(_) => EXIT_INPUT,
             ClientError::JobLog(_) | ClientError::Output(_) | ClientError::Call(_) => EXIT_NOT_OK,
         };
         Self {
@@ -724,7 +771,7 @@ async fn handlers(endpoints: &Endpoints, token: Option<client::Token>) -> Result
     let list = client
         .list_handlers(request)
         .await
-        .map_err(ClientError::from_status)?
+        .map_err(|status| endpoints.explain(ClientError::from_status(status)))?
         .into_inner();
     let width = list
         .handlers
@@ -756,7 +803,7 @@ async fn health(endpoints: &Endpoints) -> Result<u8, Fail> {
                     service: String::new(),
                 })
                 .await
-                .map_err(ClientError::from_status),
+                .map_err(|status| endpoints.explain(ClientError::from_status(status))),
             Err(e) => Err(e),
         };
         let status = match asked {

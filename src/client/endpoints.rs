@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 
 use tonic::transport::{Channel, Uri};
 
-use super::{source_chain, transport, ClientError};
+use super::tls::is_https;
+use super::{connection_error, transport, Alert, ClientError, ClientTls, TlsSetup};
 use crate::proto::batch_service_client::BatchServiceClient;
 
 /// The prefix of a name resolved to every address (gRPC's naming: `dns:[//authority/]host:port`).
@@ -16,6 +17,10 @@ const DNS_PREFIX: &str = "dns:///";
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     pub(super) targets: Vec<Target>,
+    /// The TLS of `https://` targets ([`Endpoints::with_tls`]); `None`: the system's CAs.
+    pub(super) tls: Option<TlsSetup>,
+    /// What the connections read that explains a failure ([`Endpoints::explain`]).
+    pub(super) alert: Alert,
 }
 
 /// One `--endpoint` item.
@@ -78,7 +83,50 @@ impl Endpoints {
                 "no endpoint given".into(),
             ));
         }
-        Ok(Self { targets })
+        Ok(Self::of(targets))
+    }
+
+    /// Endpoints of these targets, without TLS settings of their own.
+    fn of(targets: Vec<Target>) -> Self {
+        Self {
+            targets,
+            tls: None,
+            alert: Alert::default(),
+        }
+    }
+
+    /// The endpoints with these TLS settings (files read and checked now). With a TLS flag set,
+    /// every target must speak TLS: an `http://` one is a usage error (`--tls-ca needs an
+    /// https:// endpoint`). Without, `https://` targets trust the system's CAs.
+    pub fn with_tls(mut self, tls: &ClientTls) -> Result<Self, ClientError> {
+        if let Some(flag) = tls.flag_set() {
+            let plain = self.targets.iter().find(|t| match t {
+                Target::Url(url) => !is_https(url),
+                Target::Dns { scheme, .. } => *scheme != "https",
+                Target::Client(_) | Target::Channel(_) => false,
+            });
+            if let Some(t) = plain {
+                return Err(ClientError::BadEndpoint(
+                    t.name(),
+                    format!("{flag} needs an https:// endpoint"),
+                ));
+            }
+        }
+        let https = self.targets.iter().any(|t| match t {
+            Target::Url(url) => is_https(url),
+            Target::Dns { scheme, .. } => *scheme == "https",
+            Target::Client(_) | Target::Channel(_) => false,
+        });
+        if https || tls.is_set() {
+            self.tls = Some(tls.prepare()?);
+        }
+        Ok(self)
+    }
+
+    /// A failed call on one of their channels, told better when a connection recorded why (a
+    /// certificate refused, TLS where plaintext was expected).
+    pub fn explain(&self, e: ClientError) -> ClientError {
+        super::tls::explain(&self.alert, &self.names(), e)
     }
 
     /// The targets, in the order given.
@@ -93,14 +141,14 @@ impl Endpoints {
         let mut out = Vec::new();
         for target in &self.targets {
             match target {
-                Target::Url(url) => out.push((url.clone(), connect(url, None).await)),
+                Target::Url(url) => out.push((url.clone(), self.connect(url, None).await)),
                 Target::Channel(c) => out.push((target.name(), Ok(c.clone()))),
                 Target::Client(_) => {}
                 Target::Dns { host, port, scheme } => match resolve(host, *port).await {
                     Ok(addrs) if !addrs.is_empty() => {
                         for addr in addrs {
                             let (url, origin) = address_urls(scheme, host, *port, addr);
-                            out.push((url.clone(), connect(&url, Some(&origin)).await));
+                            out.push((url.clone(), self.connect(&url, Some(&origin)).await));
                         }
                     }
                     Ok(_) => out.push((
@@ -120,6 +168,14 @@ impl Endpoints {
         out
     }
 
+    /// A channel to `url`, its calls naming `origin` (a `dns:///` name's address).
+    async fn connect(&self, url: &str, origin: Option<&str>) -> Result<Channel, ClientError> {
+        transport(url, origin, self.tls.as_ref(), &self.alert)?
+            .connect()
+            .await
+            .map_err(|e| connection_error(url, is_https(url), &e))
+    }
+
     /// The endpoints as given, for messages: `http://a:1, dns:///b:2`.
     pub fn names(&self) -> String {
         self.targets
@@ -132,9 +188,7 @@ impl Endpoints {
 
 impl From<Target> for Endpoints {
     fn from(target: Target) -> Self {
-        Self {
-            targets: vec![target],
-        }
+        Self::of(vec![target])
     }
 }
 
@@ -220,17 +274,6 @@ fn unreachable(target: &Target, reason: String) -> ClientError {
         endpoint: target.name(),
         reason,
     }
-}
-
-/// A channel to `url`, its calls naming `origin` (a `dns:///` name's address).
-async fn connect(url: &str, origin: Option<&str>) -> Result<Channel, ClientError> {
-    transport(url, origin)?
-        .connect()
-        .await
-        .map_err(|e| ClientError::Unreachable {
-            endpoint: url.to_owned(),
-            reason: source_chain(&e),
-        })
 }
 
 /// `host:port` → (`host`, port); `[::1]:50051` → (`::1`, 50051). `None` without a valid port.

@@ -30,14 +30,17 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::PollSender;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::endpoints::{self, Endpoints, Target};
-use super::{source_chain, transport, ClientError, Token, TraceHeaders};
+use super::tls::Problem;
+use super::{
+    connection_error, transport, Alert, ClientError, TlsSetup, Token, TraceHeaders, Transport,
+};
 use crate::proto::{self, batch_service_client::BatchServiceClient};
 
 /// The health service name a replica must serve (what Kubernetes' readiness probe asks too).
@@ -137,6 +140,10 @@ pub(super) struct Pool {
     turn: usize,
     ever_live: bool,
     finishing: bool,
+    /// The TLS of `https://` replicas (`None`: the system's CAs).
+    tls: Option<TlsSetup>,
+    /// What the replicas' connections read that explains a failure (a certificate refused).
+    alert: Alert,
 }
 
 struct TargetState {
@@ -171,7 +178,7 @@ struct Replica {
 
 #[derive(Clone)]
 enum How {
-    Endpoint(Box<Endpoint>),
+    Endpoint(Box<Transport>),
     Client(BatchServiceClient<Channel>),
     Channel(Channel),
 }
@@ -242,13 +249,15 @@ impl Pool {
             turn: 0,
             ever_live: false,
             finishing: false,
+            tls: endpoints.tls,
+            alert: endpoints.alert,
         };
         let now = Instant::now();
         for target in endpoints.targets {
             let t = pool.targets.len();
             let how = match &target {
                 Target::Url(url) => {
-                    let ep = endpoint(url, None, timing.keepalive)?;
+                    let ep = endpoint(url, None, &pool, timing.keepalive)?;
                     Some((url.clone(), How::Endpoint(Box::new(ep))))
                 }
                 Target::Client(c) => Some((target.name(), How::Client(c.clone()))),
@@ -836,7 +845,7 @@ impl Pool {
                 continue;
             }
             let (url, origin) = endpoints::address_urls(scheme, &host, port, addr);
-            let Ok(ep) = endpoint(&url, Some(&origin), self.timing.keepalive) else {
+            let Ok(ep) = endpoint(&url, Some(&origin), self, self.timing.keepalive) else {
                 continue;
             };
             let name = format!("{url} (dns:///{host}:{port})");
@@ -869,22 +878,60 @@ impl Conn {
     }
 }
 
-/// The transport to `url` with keepalive pings; `origin` is the authority its calls name.
-fn endpoint(url: &str, origin: Option<&str>, keepalive: Duration) -> Result<Endpoint, ClientError> {
-    Ok(transport(url, origin)?
-        .http2_keep_alive_interval(keepalive)
-        .keep_alive_timeout(keepalive)
-        .keep_alive_while_idle(true))
+/// The transport to `url` with keepalive pings (and the pool's TLS); `origin` is the authority
+/// its calls name.
+fn endpoint(
+    url: &str,
+    origin: Option<&str>,
+    pool: &Pool,
+    keepalive: Duration,
+) -> Result<Transport, ClientError> {
+    Ok(
+        transport(url, origin, pool.tls.as_ref(), &pool.alert)?.map(|ep| {
+            ep.http2_keep_alive_interval(keepalive)
+                .keep_alive_timeout(keepalive)
+                .keep_alive_while_idle(true)
+        }),
+    )
 }
 
 /// Connects, checks health and opens the call.
 async fn open(how: How, setup: CallSetup) -> Result<Box<Opened>, Failure> {
+    let transport = match &how {
+        How::Endpoint(t) => Some(t.clone()),
+        How::Client(_) | How::Channel(_) => None,
+    };
+    match (open_call(how, setup).await, transport) {
+        // A daemon refuses a client certificate after the client's side of a TLS 1.3 handshake
+        // is done: the first call fails, and what the connection read says why.
+        (Err(Failure::Retry(why)), Some(t)) => Err(recorded(&t).unwrap_or(Failure::Retry(why))),
+        (res, _) => res,
+    }
+}
+
+/// What a replica's connections recorded, as a failure no other replica would change: a
+/// certificate refused (the same settings go to every replica), TLS where plaintext was expected.
+fn recorded(transport: &Transport) -> Option<Failure> {
+    match transport.problem()? {
+        Problem::Certificate(reason) | Problem::SpeaksTls(reason) => {
+            Some(Failure::Fatal(Status::unavailable(reason)))
+        }
+    }
+}
+
+async fn open_call(how: How, setup: CallSetup) -> Result<Box<Opened>, Failure> {
     let (client, channel) = match how {
-        How::Endpoint(ep) => {
-            let channel = ep
-                .connect()
-                .await
-                .map_err(|e| Failure::Retry(source_chain(&e)))?;
+        How::Endpoint(t) => {
+            let channel =
+                t.connect()
+                    .await
+                    .map_err(|e| match connection_error("", t.is_tls(), &e) {
+                        ClientError::Certificate { reason, .. } => {
+                            Failure::Fatal(Status::unavailable(reason))
+                        }
+                        ClientError::Unreachable { reason, .. } => Failure::Retry(reason),
+                        other => Failure::Retry(other.to_string()),
+                    })?;
             (BatchServiceClient::new(channel.clone()), Some(channel))
         }
         How::Channel(channel) => (BatchServiceClient::new(channel.clone()), Some(channel)),

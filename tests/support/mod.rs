@@ -12,6 +12,7 @@ pub mod procs;
 pub mod proxy;
 pub mod recovery;
 pub mod scrape;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;

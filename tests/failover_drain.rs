@@ -116,10 +116,15 @@ async fn a_call_that_asks_gets_its_unstarted_jobs_back_at_once_and_its_running_o
     match status {
         // It saw the half-close, so it saw the late batch first: handed back before the OK.
         Ok(()) => assert_eq!(set(&rest.not_started), ids("late", 0..3), "{rest:?}"),
-        // It ended before they arrived: UNAVAILABLE says the jobs without a result did not run.
+        // It ended before it saw the half-close: UNAVAILABLE says the jobs without a result did
+        // not run; the late batch is given back whole if it was read before the end, else not.
         Err(s) => {
             assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-            assert!(rest.not_started.is_empty(), "{rest:?}");
+            let back = set(&rest.not_started);
+            assert!(
+                back.is_empty() || back == ids("late", 0..3),
+                "all or none of the late batch: {rest:?}"
+            );
         }
     }
     assert_eq!(

@@ -98,6 +98,13 @@ pub fn assert_each_once_ok(outputs: &[&Path], n: usize) {
     assert_eq!(seen.len(), n, "results for ids that were never sent");
 }
 
+/// Jobs a daemon has admitted and not finished (queued or running): while it holds some, its
+/// loss leaves jobs without a result.
+pub fn holding(daemon: &Daemon) -> f64 {
+    let metrics = scrape::scrape(daemon.admin_addr());
+    scrape::sum(&metrics, "batchd_jobs_queued") + scrape::sum(&metrics, "batchd_jobs_running")
+}
+
 /// Jobs a daemon has admitted, from its `/metrics`.
 pub fn admitted(daemon: &Daemon) -> f64 {
     scrape::sum(

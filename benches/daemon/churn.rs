@@ -187,6 +187,10 @@ pub async fn run() {
         format!("{:+.1}", pct(after[0], base)),
     );
     figure(
+        "churn_rss_after_vs_fresh_kib",
+        format!("{:+}", after[0] as i64 - fresh as i64),
+    );
+    figure(
         "churn_rss_delta_last_round_vs_round1_pct",
         format!("{:+.1}", pct(after[after.len() - 1], after[0])),
     );

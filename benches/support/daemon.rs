@@ -40,12 +40,25 @@ impl Daemon {
     pub fn spawn_with(args: &[&str], edit: impl FnOnce(&mut Command)) -> Self {
         let bin = std::env::var_os("BATCHD_BENCH_BIN")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_batchd").into());
+        Self::spawn_program(&bin, args, edit)
+    }
+
+    /// [`Daemon::spawn`] of the program `bin` (another build, for interleaved pairs).
+    pub fn spawn_bin(bin: &std::ffi::OsStr, args: &[&str]) -> Self {
+        Self::spawn_program(bin, args, |_| {})
+    }
+
+    fn spawn_program(
+        bin: &std::ffi::OsStr,
+        args: &[&str],
+        edit: impl FnOnce(&mut Command),
+    ) -> Self {
         let log = tempfile::Builder::new()
             .prefix("batchd-bench-")
             .suffix(".log")
             .tempfile()
             .expect("creating the daemon's log file");
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(bin);
         cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--set", LOG_FILTER, "--set", "shutdown_grace=1s"])
             .args(args)

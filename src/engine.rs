@@ -102,12 +102,21 @@ struct Inner {
     budget: Budget,
 }
 
-/// Handlers by name, each with its row in the metrics.
-struct HandlerRows(HashMap<String, (usize, Arc<dyn Handler>), foldhash::fast::RandomState>);
+/// Handlers by name and by their row in the metrics (the order of the registry's names).
+struct HandlerRows {
+    /// Row by name, searched with a job's handler name as bytes.
+    rows: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
+    /// Name and handler by row.
+    handlers: Vec<(Box<[u8]>, Arc<dyn Handler>)>,
+}
 
 impl std::fmt::Debug for HandlerRows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
+        let names = self
+            .handlers
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n));
+        f.debug_set().entries(names).finish()
     }
 }
 
@@ -151,6 +160,34 @@ pub struct ResultStream {
     _cancel_on_drop: DropGuard,
 }
 
+// === impl HandlerRows ===
+
+impl HandlerRows {
+    /// The registry's handlers, in the order of its names (the metrics rows).
+    fn new(registry: &Registry) -> Self {
+        let handlers: Vec<(Box<[u8]>, Arc<dyn Handler>)> = registry
+            .iter()
+            .filter_map(|(n, _)| Some((Box::from(n.as_bytes()), Arc::clone(registry.get(n)?))))
+            .collect();
+        let rows = handlers
+            .iter()
+            .enumerate()
+            .map(|(row, (n, _))| (n.clone(), row))
+            .collect();
+        Self { rows, handlers }
+    }
+
+    /// The row of the handler named `name`.
+    fn row(&self, name: &[u8]) -> Option<usize> {
+        self.rows.get(name).copied()
+    }
+
+    /// The name and the handler of row `row`.
+    fn get(&self, row: usize) -> Option<&(Box<[u8]>, Arc<dyn Handler>)> {
+        self.handlers.get(row)
+    }
+}
+
 // === impl Limits ===
 
 impl From<&Config> for Limits {
@@ -187,13 +224,7 @@ impl Engine {
     /// [`Engine::set_principals`] puts principals in force.
     pub fn refusing(limits: Limits, registry: Registry) -> Self {
         let names: Vec<String> = registry.iter().map(|(n, _)| n.to_owned()).collect();
-        let handlers = HandlerRows(
-            names
-                .iter()
-                .enumerate()
-                .filter_map(|(i, n)| Some((n.clone(), (i, Arc::clone(registry.get(n)?)))))
-                .collect(),
-        );
+        let handlers = HandlerRows::new(&registry);
         Self {
             inner: Arc::new(Inner {
                 scheduler: Scheduler::new(limits.workers),

@@ -13,14 +13,14 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Credentials;
+use crate::codec::wire;
 use crate::engine::{Command, Engine, JobRequest, JobResult, Principal, ResultStream};
 use crate::error::Error;
-use crate::proto::{self, batch_service_server::BatchService, process_request::Kind};
+use crate::proto::{self, batch_service_server::BatchService};
 use crate::telemetry::session_trace;
 
 /// The stream of responses of one call.
-pub type ResponseStream =
-    Pin<Box<dyn Stream<Item = Result<proto::ProcessResponse, Status>> + Send>>;
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<wire::ProcessResponse, Status>> + Send>>;
 
 /// Serves `batchd.v1.BatchService` on top of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -112,7 +112,7 @@ impl BatchService for Service {
 
     async fn process(
         &self,
-        request: Request<Streaming<proto::ProcessRequest>>,
+        request: Request<Streaming<wire::ProcessRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let principal = self.principal(&request)?;
         let trace = session_trace("Process", request.metadata(), request.remote_addr());
@@ -127,7 +127,7 @@ impl BatchService for Service {
 
     async fn run_batch(
         &self,
-        request: Request<proto::JobBatch>,
+        request: Request<wire::JobBatch>,
     ) -> Result<Response<ResponseStream>, Status> {
         let principal = self.principal(&request)?;
         let trace = session_trace("RunBatch", request.metadata(), request.remote_addr());
@@ -159,17 +159,17 @@ impl BatchService for Service {
 
 fn respond(results: ResultStream) -> ResponseStream {
     Box::pin(results.map(|r| {
-        r.map(|results| proto::ProcessResponse {
+        r.map(|results| wire::ProcessResponse {
             results: results.into_iter().map(to_proto).collect(),
         })
         .map_err(Status::from)
     }))
 }
 
-fn command(msg: proto::ProcessRequest) -> Result<Command, Error> {
+fn command(msg: wire::ProcessRequest) -> Result<Command, Error> {
     match msg.kind {
-        Some(Kind::Batch(batch)) => Ok(submit(batch)),
-        Some(Kind::Cancel(c)) => Ok(Command::Cancel {
+        Some(wire::Kind::Batch(batch)) => Ok(submit(batch)),
+        Some(wire::Kind::Cancel(c)) => Ok(Command::Cancel {
             batch_id: c.batch_id,
             job_ids: c.job_ids,
         }),
@@ -179,9 +179,9 @@ fn command(msg: proto::ProcessRequest) -> Result<Command, Error> {
     }
 }
 
-fn submit(batch: proto::JobBatch) -> Command {
+fn submit(batch: wire::JobBatch) -> Command {
     Command::Submit {
-        batch_id: Arc::from(batch.batch_id),
+        batch_id: batch.batch_id,
         jobs: batch
             .jobs
             .into_iter()
@@ -199,12 +199,12 @@ fn submit(batch: proto::JobBatch) -> Command {
     }
 }
 
-fn to_proto(r: JobResult) -> proto::JobResult {
+fn to_proto(r: JobResult) -> wire::JobResult {
     let outcome = proto::Outcome::from(r.outcome);
     let duration = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
-    proto::JobResult {
+    wire::JobResult {
         job_id: r.job_id,
-        batch_id: r.batch_id.to_string(),
+        batch_id: r.batch_id,
         outcome: outcome as i32,
         output: r.output,
         error: r.error,

@@ -67,7 +67,14 @@ async fn weights_with(workers: &str) {
     let path = dir.path().join("batchd.toml");
     std::fs::write(&path, config).unwrap();
     let path = path.to_str().unwrap();
-    let args = ["--config", path, "--workers", workers, "--set", WEIGHTS_WINDOW];
+    let args = [
+        "--config",
+        path,
+        "--workers",
+        workers,
+        "--set",
+        WEIGHTS_WINDOW,
+    ];
     let d = Daemon::spawn(&args);
     let mut loads = Vec::new();
     for w in WEIGHTS {
@@ -212,7 +219,10 @@ async fn echo_per_cpu_s(bin: Option<&OsString>) -> f64 {
 }
 
 pub async fn cost() {
-    println!("\n== principals_cost: echo, {} calls, no principal (one implicit group) ==", echo::CALLS);
+    println!(
+        "\n== principals_cost: echo, {} calls, no principal (one implicit group) ==",
+        echo::CALLS
+    );
     let Some(base) = std::env::var_os("BATCHD_BENCH_BASE_BIN") else {
         figure(
             "cost_echo_jobs_per_server_cpu_s",
@@ -236,7 +246,10 @@ pub async fn cost() {
         let load = crate::support::procfs::load_average();
         figure(
             &format!("cost_pair_{i}"),
-            format!("base {b:.0}  new {n:.0}  new/base {:.3}  load {load}", n / b),
+            format!(
+                "base {b:.0}  new {n:.0}  new/base {:.3}  load {load}",
+                n / b
+            ),
         );
         ratios.push(n / b);
         bases.push(b);
@@ -244,8 +257,8 @@ pub async fn cost() {
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (mean_ratio, n) = (mean(&ratios), ratios.len() as f64);
-    let sd = (ratios.iter().map(|r| (r - mean_ratio).powi(2)).sum::<f64>() / (n - 1.0).max(1.0))
-        .sqrt();
+    let sd =
+        (ratios.iter().map(|r| (r - mean_ratio).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
     let ahead = ratios.iter().filter(|r| **r > 1.0).count();
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -255,11 +268,19 @@ pub async fn cost() {
     let (mb, mn, mr) = (median(&mut bases), median(&mut news), median(&mut ratios));
     figure(
         "cost_base_median_jobs_per_server_cpu_s",
-        format!("{mb:.0} (max/min {:.2}, mean {:.0})", spread(&bases), mean(&bases)),
+        format!(
+            "{mb:.0} (max/min {:.2}, mean {:.0})",
+            spread(&bases),
+            mean(&bases)
+        ),
     );
     figure(
         "cost_new_median_jobs_per_server_cpu_s",
-        format!("{mn:.0} (max/min {:.2}, mean {:.0})", spread(&news), mean(&news)),
+        format!(
+            "{mn:.0} (max/min {:.2}, mean {:.0})",
+            spread(&news),
+            mean(&news)
+        ),
     );
     figure(
         "cost_new_over_base_median",

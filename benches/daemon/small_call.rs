@@ -102,13 +102,13 @@ async fn echoes(call: &mut Call, n: usize, mut probe: impl FnMut() -> u64) -> Ve
         probe();
         let t = Instant::now();
         let echo = job(format!("e{i}"), "echo", payload.clone(), &[]);
-        call.tx.send(batch("small".into(), vec![echo])).await.unwrap();
+        call.tx
+            .send(batch("small".into(), vec![echo]))
+            .await
+            .unwrap();
         let msg = call.rx.message().await.unwrap().unwrap();
         out.push(t.elapsed());
-        assert!(
-            msg.results.len() == 1 && is_ok(&msg.results[0]),
-            "{msg:?}"
-        );
+        assert!(msg.results.len() == 1 && is_ok(&msg.results[0]), "{msg:?}");
     }
     out
 }

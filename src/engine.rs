@@ -102,12 +102,15 @@ struct Inner {
     budget: Budget,
 }
 
+/// A handler and the name jobs use for it.
+type NamedHandler = (Box<[u8]>, Arc<dyn Handler>);
+
 /// Handlers by name and by their row in the metrics (the order of the registry's names).
 struct HandlerRows {
     /// Row by name, searched with a job's handler name as bytes.
     rows: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
     /// Name and handler by row.
-    handlers: Vec<(Box<[u8]>, Arc<dyn Handler>)>,
+    handlers: Vec<NamedHandler>,
 }
 
 impl std::fmt::Debug for HandlerRows {
@@ -165,7 +168,7 @@ pub struct ResultStream {
 impl HandlerRows {
     /// The registry's handlers, in the order of its names (the metrics rows).
     fn new(registry: &Registry) -> Self {
-        let handlers: Vec<(Box<[u8]>, Arc<dyn Handler>)> = registry
+        let handlers: Vec<NamedHandler> = registry
             .iter()
             .filter_map(|(n, _)| Some((Box::from(n.as_bytes()), Arc::clone(registry.get(n)?))))
             .collect();
@@ -183,7 +186,7 @@ impl HandlerRows {
     }
 
     /// The name and the handler of row `row`.
-    fn get(&self, row: usize) -> Option<&(Box<[u8]>, Arc<dyn Handler>)> {
+    fn get(&self, row: usize) -> Option<&NamedHandler> {
         self.handlers.get(row)
     }
 }

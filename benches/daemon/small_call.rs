@@ -5,7 +5,10 @@
 //! Both calls are anonymous (one principal): the pool is shared among them in turn, so the small
 //! call's job gets one of the next freed slots whatever the bulk call has queued. The daemon runs
 //! with a session window of 2^20 (and byte limits to match), so that the bulk call's million jobs
-//! are admitted and queued in the daemon rather than held back by flow control.
+//! are admitted and queued in the daemon rather than held back by flow control. The bulk client
+//! runs on a runtime of its own in this process, so that building its batches and decoding its
+//! results does not delay the small call's client (the two still share the machine's cores with
+//! the daemon).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,9 +24,10 @@ use crate::support::report::{figure, latency_ms};
 use crate::support::scenarios::knob;
 use crate::support::stats::{percentile, P50_P99_MAX};
 
-/// Jobs the bulk call keeps outstanding (sent, no result yet), in batches of `BULK_BATCH`.
+/// Jobs the bulk call keeps outstanding (sent, no result yet), in batches of `BULK_BATCH` (about
+/// what `batchctl` sends, 256, times four).
 const BULK_QUEUED: usize = 1_000_000;
-const BULK_BATCH: usize = 10_000;
+const BULK_BATCH: usize = 1_000;
 /// The small call's pace, and its samples (`SMALL_SAMPLES`) under the bulk call and idle.
 const EVERY: Duration = Duration::from_millis(10);
 const SAMPLES: usize = 1_000;
@@ -120,12 +124,26 @@ struct Bulk {
     not_ok: Arc<AtomicU64>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The bulk client's own runtime.
+    rt: tokio::runtime::Runtime,
 }
 
 impl Bulk {
     async fn start(url: &str) -> Self {
-        let client = connect(url).await;
-        let Call { tx, mut rx } = open_call(&client, 4).await;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = url.to_owned();
+        let (client, Call { tx, mut rx }) = rt
+            .spawn(async move {
+                let client = connect(&url).await;
+                let call = open_call(&client, 4).await;
+                (client, call)
+            })
+            .await
+            .unwrap();
         let credit = Arc::new(Semaphore::new(BULK_QUEUED));
         let (sent, done, not_ok): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) =
             Default::default();
@@ -133,7 +151,7 @@ impl Bulk {
         let mut tasks = Vec::new();
         {
             let (credit, sent, stop) = (Arc::clone(&credit), Arc::clone(&sent), stop.clone());
-            tasks.push(tokio::spawn(async move {
+            tasks.push(rt.spawn(async move {
                 // Ids cycle over twice the outstanding jobs: one is sent again only long after
                 // its previous job finished (a clash would come back REJECTED and be counted).
                 let cycle = 2 * BULK_QUEUED / BULK_BATCH;
@@ -154,7 +172,7 @@ impl Bulk {
         }
         {
             let (done, not_ok, stop) = (Arc::clone(&done), Arc::clone(&not_ok), stop.clone());
-            tasks.push(tokio::spawn(async move {
+            tasks.push(rt.spawn(async move {
                 loop {
                     let msg = tokio::select! {
                         m = rx.message() => m,
@@ -175,6 +193,7 @@ impl Bulk {
             not_ok,
             stop,
             tasks,
+            rt,
         }
     }
 
@@ -189,5 +208,6 @@ impl Bulk {
         for t in self.tasks {
             t.await.unwrap();
         }
+        self.rt.shutdown_background();
     }
 }

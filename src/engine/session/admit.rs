@@ -67,7 +67,7 @@ where
         Ok(())
     }
 
-    /// Admits jobs of the pending batch while the window has room.
+    /// Admits jobs of the pending batch while the window has room, at most `ADMIT_PER_TURN`.
     pub(super) fn admit_pending(&mut self) -> Result<(), Error> {
         let Some((batch_id, mut jobs, span)) = self.pending.take() else {
             return Ok(());
@@ -77,7 +77,10 @@ where
         // Jobs admitted together share one clock reading.
         let now = Instant::now();
         let mut admitted = 0;
-        while self.has_room() {
+        for _ in 0..super::ADMIT_PER_TURN {
+            if !self.has_room() {
+                break;
+            }
             let Some(job) = jobs.next() else {
                 break;
             };

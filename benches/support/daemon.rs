@@ -120,6 +120,12 @@ impl Daemon {
         procfs::status_field(self.pid(), "VmRSS")
     }
 
+    /// RssAnon in KiB: the heap, stacks and other private memory (VmRSS less the mapped binary and
+    /// libraries, `RssFile`, and shared memory).
+    pub fn rss_anon_kb(&self) -> u64 {
+        procfs::status_field(self.pid(), "RssAnon")
+    }
+
     /// VmHWM (peak RSS) in KiB.
     pub fn hwm_kb(&self) -> u64 {
         procfs::status_field(self.pid(), "VmHWM")

@@ -42,3 +42,15 @@ grep -q 'clusterIP: None' "$rendered" || { echo "no headless Service" >&2; exit 
 
 "$venv/bin/kubernetes-validate" --strict --kubernetes-version "$K8S_VERSION" "$rendered"
 echo "kubernetes-validate --strict (Kubernetes $K8S_VERSION): OK"
+
+# The TLS overlays (README "Security"): the same checks, and no grpc: probe is left (it speaks no TLS).
+for overlay in deploy/kubernetes-overlays/tls deploy/kubernetes-overlays/mtls; do
+  kubectl kustomize "$overlay" >"$rendered"
+  if grep -Eq '^ +grpc:$' "$rendered"; then
+    echo "$overlay: a grpc: probe is left; with TLS on, probes must use the admin listener" >&2
+    exit 1
+  fi
+  grep -q 'path: /readyz' "$rendered" || { echo "$overlay: no /readyz probe" >&2; exit 1; }
+  "$venv/bin/kubernetes-validate" --strict --kubernetes-version "$K8S_VERSION" "$rendered"
+  echo "$overlay: kubernetes-validate --strict (Kubernetes $K8S_VERSION): OK"
+done

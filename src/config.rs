@@ -114,6 +114,27 @@ pub struct Config {
     /// How long exporting a batch of spans, and flushing them at exit, may take.
     #[serde(with = "units::duration")]
     pub trace_flush_timeout: Duration,
+    /// PEM certificate chain the daemon serves TLS with (with `tls_key`; empty: plaintext). Read
+    /// again on SIGHUP and when the file changes.
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM file of one or more CA certificates: clients must present a certificate one of them
+    /// signed (mTLS). Empty: no client certificate is asked for. Needs `tls_cert`.
+    pub tls_client_ca: PathBuf,
+    /// How long a new connection has to finish its TLS handshake and send the HTTP/2 preface;
+    /// then it is closed (a slowloris does not hold a connection slot).
+    #[serde(with = "units::duration")]
+    pub handshake_timeout: Duration,
+    /// Client connections open at once, handshakes included; beyond it new connections wait in
+    /// the listen backlog until one closes (at most [`MAX_COUNT`]).
+    pub max_connections: usize,
+    /// Client connections open at once from one IP address; more from it are closed at once
+    /// (at most [`MAX_COUNT`]).
+    pub max_connections_per_peer: usize,
+    /// Largest HTTP/2 header list (a call's metadata) accepted; a larger one is refused by the
+    /// HTTP/2 layer before it is decoded in full.
+    pub http2_max_header_list_size: ByteSize,
     /// Serve gRPC reflection without credentials even when principals are configured.
     pub reflection_open: bool,
     /// Exec handlers: commands run once per job (`[[exec]]` tables in the file; none by default).
@@ -222,6 +243,13 @@ impl Default for Config {
             otlp_endpoint: String::new(),
             otlp_metrics: false,
             trace_flush_timeout: Duration::from_secs(5),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_connections_per_peer: 1024,
+            http2_max_header_list_size: ByteSize(16 * 1024),
             reflection_open: false,
             exec: Vec::new(),
             principal: Vec::new(),
@@ -235,14 +263,36 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut table = match &flags.config {
-            Some(path) => read_file(path)?,
-            None => toml::Table::new(),
+        let table = match &flags.config {
+            Some(path) => {
+                let origin = format!("config file {}", path.display());
+                Some((read_file(path)?, origin))
+            }
+            None => None,
         };
-        let origin = |p: &Path| format!("config file {}", p.display());
-        check(&table, || {
-            flags.config.as_deref().map_or("defaults".into(), origin)
-        })?;
+        Self::layered(table, flags, env)
+    }
+
+    /// The config of a TOML text alone (no environment, no flags), parsed and validated as
+    /// [`Config::load`] does a config file: for checking a file's text, and for fuzzing.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let origin = "config text".to_owned();
+        let table = parse_table(text, &origin)?;
+        Self::layered(Some((table, origin)), &Flags::default(), std::iter::empty())
+    }
+
+    /// The defaults, overlaid with the file's table (with its origin), `env` and `flags`, then
+    /// validated.
+    fn layered<I>(
+        file: Option<(toml::Table, String)>,
+        flags: &Flags,
+        env: I,
+    ) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let (mut table, origin) = file.unwrap_or_else(|| (toml::Table::new(), "defaults".into()));
+        check(&table, || origin)?;
 
         let fields = field_names();
         let mut env: Vec<_> = env
@@ -327,6 +377,8 @@ impl Config {
             ("session_window", self.session_window),
             ("max_calls", self.max_calls),
             ("max_jobs_per_batch", self.max_jobs_per_batch),
+            ("max_connections", self.max_connections),
+            ("max_connections_per_peer", self.max_connections_per_peer),
         ] {
             if n == 0 {
                 return invalid(field, "must be at least 1");
@@ -368,6 +420,7 @@ impl Config {
             ("shutdown_grace", self.shutdown_grace),
             ("stall_timeout", self.stall_timeout),
             ("trace_flush_timeout", self.trace_flush_timeout),
+            ("handshake_timeout", self.handshake_timeout),
         ] {
             if d > MAX_DURATION {
                 let max = humantime::format_duration(MAX_DURATION);
@@ -404,6 +457,20 @@ impl Config {
         if self.stall_timeout < MIN_STALL_TIMEOUT {
             return invalid("stall_timeout", "must be at least 100ms");
         }
+        if self.handshake_timeout.is_zero() {
+            return invalid("handshake_timeout", "must be positive");
+        }
+        // RFC 9113 sets no bound; h2 takes a u32, and a header list must hold at least a request's
+        // pseudo-headers and gRPC's own (content-type, te, grpc-timeout, traceparent).
+        if self.http2_max_header_list_size < ByteSize(1024)
+            || self.http2_max_header_list_size.0 > u64::from(u32::MAX)
+        {
+            return invalid(
+                "http2_max_header_list_size",
+                "must be between 1KiB and 4GiB",
+            );
+        }
+        self.validate_tls()?;
         if self.trace_flush_timeout.is_zero() {
             return invalid("trace_flush_timeout", "must be positive");
         }
@@ -425,6 +492,40 @@ impl Config {
         Ok(())
     }
 
+    /// Whether the daemon serves TLS (`tls_cert` and `tls_key` are set); plaintext otherwise.
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// Whether clients must present a certificate (`tls_client_ca` is set).
+    pub fn mtls_enabled(&self) -> bool {
+        self.tls_enabled() && !self.tls_client_ca.as_os_str().is_empty()
+    }
+
+    /// The TLS fields go together: a certificate with its key, client CAs only with both. (The
+    /// files themselves are read by `server::tls` before the daemon binds.)
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        match (set(&self.tls_cert), set(&self.tls_key)) {
+            (true, false) => return invalid("tls_key", "must be set with tls_cert"),
+            (false, true) => return invalid("tls_cert", "must be set with tls_key"),
+            _ => {}
+        }
+        if set(&self.tls_client_ca) && !set(&self.tls_cert) {
+            return invalid(
+                "tls_client_ca",
+                "needs tls_cert and tls_key (client certificates are asked for over TLS)",
+            );
+        }
+        Ok(())
+    }
+
     /// `cpu_workers`, with 0 resolved to the number of cores (at most [`MAX_CPU_WORKERS`]).
     pub fn effective_cpu_workers(&self) -> usize {
         match self.cpu_workers {
@@ -440,8 +541,12 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
+    parse_table(&text, &format!("config file {}", path.display()))
+}
+
+fn parse_table(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-        origin: format!("config file {}", path.display()),
+        origin: origin.to_owned(),
         message: e.to_string(),
     })
 }

@@ -32,7 +32,7 @@ use crate::error::Error;
 use crate::handlers::{CpuPool, Handler, Registry};
 
 use budget::Budget;
-pub use job::{Command, JobRequest, JobResult, Outcome};
+pub use job::{Command, GivenBack, JobRequest, JobResult, Outcome, Reply};
 use metrics::{Metrics, Rejection};
 pub use principal::Principal;
 use principal::{CallSlot, Principals};
@@ -152,6 +152,8 @@ pub struct Call {
     slot: CallSlot,
     deadline: Option<Instant>,
     trace: SessionTrace,
+    /// At drain, hand back the jobs not started instead of running them.
+    give_back: bool,
 }
 
 /// The results of one call; dropping it stops everything the call started.
@@ -317,7 +319,19 @@ impl Engine {
             slot,
             deadline,
             trace,
+            give_back: false,
         })
+    }
+
+    /// Checks one job of `principal` as a call's session does before admitting it (job id, handler
+    /// allowed and known, payload size, timeout, the handler's params check), without a call:
+    /// the timeout it would run with, or the message of its REJECTED result. Fuzzing and tests
+    /// reach admission through it.
+    pub fn check_job(&self, principal: &Principal, job: &JobRequest) -> Result<Duration, String> {
+        let pick = self.inner.pick(principal, &job.handler);
+        self.inner
+            .check(principal, job, pick)
+            .map(|(_, timeout)| timeout)
     }
 
     /// The engine's live counters, gauges and histograms; exporters read them through
@@ -386,6 +400,15 @@ impl Stats {
 // === impl Call ===
 
 impl Call {
+    /// `yes`: when the daemon drains, the call gets back the jobs it sent that were not started
+    /// ([`GivenBack`]) instead of having them run, and at the end of the grace period the ones
+    /// still running are listed as stopped instead of getting CANCELLED results. For clients that
+    /// can send jobs elsewhere (proto: the metadata `batchd-drain: give-back`).
+    pub fn giving_back(mut self, yes: bool) -> Self {
+        self.give_back = yes;
+        self
+    }
+
     /// Starts the call's session over `inbound` and returns its results.
     pub fn start<S>(self, inbound: S) -> ResultStream
     where
@@ -412,6 +435,7 @@ impl Call {
                 slot: self.slot,
                 trace: self.trace,
                 dropped_at: Arc::clone(&dropped_at),
+                give_back: self.give_back,
             },
         );
         self.engine.sessions.spawn(session.run().instrument(span));
@@ -426,7 +450,7 @@ impl Call {
 // === impl ResultStream ===
 
 impl Stream for ResultStream {
-    type Item = Result<Vec<JobResult>, Error>;
+    type Item = Result<Reply, Error>;
 
     fn poll_next(
         self: std::pin::Pin<&mut Self>,

@@ -51,6 +51,9 @@ pub enum Error {
     /// An I/O error at start-up.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS files cannot be used (at start-up; the message names the config field).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl From<Error> for Status {
@@ -64,9 +67,11 @@ impl From<Error> for Status {
             Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Inbound(status) => return status.clone(),
-            Error::Abandoned | Error::Transport(_) | Error::Reflection(_) | Error::Io(_) => {
-                Code::Internal
-            }
+            Error::Abandoned
+            | Error::Transport(_)
+            | Error::Reflection(_)
+            | Error::Io(_)
+            | Error::Tls(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

@@ -1,15 +1,17 @@
 //! Runs the daemon: the gRPC server with its limits, health, reflection and shutdown with a deadline.
 //!
 //! [`systemd`]: socket activation and the sd_notify protocol, for the daemon under systemd.
+//! [`incoming`]: the listener's connections: limits, handshake deadline, HTTP/2 preface.
+//! [`tls`]: TLS and mTLS, with certificates reloaded without a restart.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -20,9 +22,13 @@ use crate::proto::{batch_service_server::BatchServiceServer, FILE_DESCRIPTOR_SET
 use crate::service::{Authenticate, Service};
 use crate::telemetry::admin;
 
+pub mod incoming;
 pub mod systemd;
+pub mod tls;
 
+use incoming::{Incoming, Limits as ConnectionLimits, Plain};
 use systemd::{Notifier, Systemd};
+use tls::Tls;
 
 /// How long, after the grace period, calls get to deliver their last results and close.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -32,6 +38,11 @@ fn window(size: crate::config::ByteSize) -> u32 {
     u32::try_from(size.0).unwrap_or(u32::MAX >> 1)
 }
 
+/// A header list limit as h2 takes it (validated to fit in 32 bits).
+fn header_list(size: crate::config::ByteSize) -> u32 {
+    u32::try_from(size.0).unwrap_or(u32::MAX)
+}
+
 /// The daemon, built from a config and the handlers it runs.
 #[derive(Debug)]
 pub struct Server {
@@ -39,6 +50,7 @@ pub struct Server {
     engine: Engine,
     admin: Option<TcpListener>,
     systemd: Option<Systemd>,
+    tls: Option<Tls>,
 }
 
 impl Server {
@@ -56,7 +68,15 @@ impl Server {
             engine,
             admin: None,
             systemd: None,
+            tls: None,
         }
+    }
+
+    /// Serves TLS with `tls` (loaded by [`Tls::from_config`] from this config's files, and kept by
+    /// the caller to reload it). Without it, [`Server::serve`] loads the files itself.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Keeps `systemd` informed over sd_notify: ready, status, watchdog pings while the engine is
@@ -92,7 +112,16 @@ impl Server {
             engine,
             admin,
             systemd,
+            tls,
         } = self;
+        let tls = match tls {
+            Some(tls) => Some(tls),
+            None => Tls::from_config(&config).map_err(|e| Error::Tls(e.to_string()))?,
+        };
+        // Owned here: certificates reload when their files change, for as long as the daemon serves.
+        let _watch = tls
+            .clone()
+            .map(|tls| AbortOnDropHandle::new(tokio::spawn(tls.watch())));
         // Owned here like the admin task: the engine's health probe, read by /healthz and the
         // systemd watchdog.
         let _probe = AbortOnDropHandle::new(tokio::spawn(engine.clone().probe()));
@@ -105,7 +134,7 @@ impl Server {
             let stop = admin_stop.clone().cancelled_owned();
             AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, engine.clone(), stop)))
         });
-        let res = serve_grpc(config, engine, listener, shutdown, systemd).await;
+        let res = serve_grpc(config, engine, listener, tls, shutdown, systemd).await;
         admin_stop.cancel();
         if let Some(task) = admin_task {
             if let Err(e) = task.await {
@@ -123,10 +152,14 @@ async fn engine_runs(engine: &Engine) {
     }
 }
 
+/// The transport's serve future, plaintext or TLS.
+type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 async fn serve_grpc(
     config: Config,
     engine: Engine,
     listener: TcpListener,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
     mut systemd: Option<Systemd>,
 ) -> Result<(), Error> {
@@ -161,22 +194,48 @@ async fn serve_grpc(
         let service = InterceptedService::new(service, Authenticate::batch_service(engine.clone()));
         let keepalive = (!config.keepalive_interval.is_zero()).then_some(config.keepalive_interval);
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, workers = config.workers, "serving");
-        warn_plaintext_tokens(&config, addr);
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let limits = ConnectionLimits::from(&config);
+        match &tls {
+            Some(tls) => tracing::info!(
+                %addr,
+                workers = config.workers,
+                tls = if tls.mutual() { "mtls" } else { "tls" },
+                sha256 = %tls.fingerprint(),
+                max_connections = limits.max_connections,
+                "serving"
+            ),
+            None => tracing::info!(
+                %addr,
+                workers = config.workers,
+                tls = "off",
+                max_connections = limits.max_connections,
+                "serving"
+            ),
+        }
+        warn_plaintext_tokens(&config, addr, tls.is_some());
         let stop_accepting = CancellationToken::new();
 
-        let serve = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .max_concurrent_streams(Some(config.max_concurrent_streams))
             .initial_stream_window_size(window(config.http2_stream_window))
             .initial_connection_window_size(window(config.http2_connection_window))
+            .http2_max_header_list_size(header_list(config.http2_max_header_list_size))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+            .add_service(service);
+        let stop = stop_accepting.clone().cancelled_owned();
+        // TLS is terminated by `Incoming` (never also by tonic's `tls_config`).
+        let serve: Serving = match tls {
+            Some(tls) => Box::pin(
+                router.serve_with_incoming_shutdown(Incoming::new(listener, limits, tls), stop),
+            ),
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(Incoming::new(listener, limits, Plain), stop),
+            ),
+        };
         tokio::pin!(serve, shutdown);
 
         // Dropped when this function returns: the notifier thread stops with the server.
@@ -254,10 +313,9 @@ async fn serve_grpc(
 
 /// Bearer tokens on a plaintext listener that others can reach travel in the clear: say so at start
 /// (and at reload, from the binary).
-pub fn warn_plaintext_tokens(config: &Config, addr: std::net::SocketAddr) {
-    // TLS (a later change): no warning when the listener serves TLS.
+pub fn warn_plaintext_tokens(config: &Config, addr: std::net::SocketAddr, tls: bool) {
     let tokens = config.principal.iter().any(|p| !p.token_sha256.is_empty());
-    if tokens && !addr.ip().is_loopback() {
+    if tokens && !tls && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
             "bearer tokens are accepted over plaintext on a non-loopback address: anyone on the path \

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Credentials;
 use crate::codec::wire;
-use crate::engine::{Command, Engine, JobRequest, JobResult, Principal, ResultStream};
+use crate::engine::{Command, Engine, GivenBack, JobRequest, JobResult, Principal, ResultStream};
 use crate::error::Error;
 use crate::proto::{self, batch_service_server::BatchService};
 use crate::telemetry::session_trace;
@@ -118,7 +118,8 @@ impl BatchService for Service {
         let trace = session_trace("Process", request.metadata(), request.remote_addr());
         let call = self
             .engine
-            .open(deadline(request.metadata()), trace, principal)?;
+            .open(deadline(request.metadata()), trace, principal)?
+            .giving_back(gives_back(request.metadata()));
         let inbound = request
             .into_inner()
             .map(|msg| msg.map_err(Error::from).and_then(command));
@@ -159,14 +160,36 @@ impl BatchService for Service {
 
 fn respond(results: ResultStream) -> ResponseStream {
     Box::pin(results.map(|r| {
-        r.map(|results| wire::ProcessResponse {
-            results: results.into_iter().map(to_proto).collect(),
+        r.map(|reply| wire::ProcessResponse {
+            results: reply.results.into_iter().map(to_proto).collect(),
+            given_back: given_back(reply.given_back),
         })
         .map_err(Status::from)
     }))
 }
 
-fn command(msg: wire::ProcessRequest) -> Result<Command, Error> {
+/// Whether the call asked for its unstarted jobs back at drain (`batchd-drain: give-back`).
+fn gives_back(metadata: &MetadataMap) -> bool {
+    let (key, value) = proto::GIVE_BACK_METADATA;
+    metadata
+        .get(key)
+        .is_some_and(|v| v.as_bytes() == value.as_bytes())
+}
+
+fn given_back(g: GivenBack) -> Option<wire::GivenBack> {
+    if g.is_empty() {
+        return None;
+    }
+    Some(wire::GivenBack {
+        not_started: g.not_started,
+        stopped: g.stopped,
+    })
+}
+
+/// What one `ProcessRequest` of a `Process` call asks of its session: a batch to admit or a
+/// cancel; a message with neither is INVALID_ARGUMENT. (Public for fuzzing: the conversion the
+/// service applies to every message it reads, as the daemon decodes it.)
+pub fn command(msg: wire::ProcessRequest) -> Result<Command, Error> {
     match msg.kind {
         Some(wire::Kind::Batch(batch)) => Ok(submit(batch)),
         Some(wire::Kind::Cancel(c)) => Ok(Command::Cancel {

@@ -71,6 +71,14 @@ fn result(rng: &mut StdRng) -> proto::JobResult {
     }
 }
 
+/// No field (a call that did not ask), an empty `GivenBack`, or ids of either list or both.
+fn given_back(rng: &mut StdRng) -> Option<proto::GivenBack> {
+    rng.random_bool(0.5).then(|| proto::GivenBack {
+        not_started: (0..rng.random_range(0..4)).map(|_| text(rng)).collect(),
+        stopped: (0..rng.random_range(0..3)).map(|_| text(rng)).collect(),
+    })
+}
+
 /// The hand-written form of a generated request.
 fn to_wire(r: &proto::ProcessRequest) -> wire::ProcessRequest {
     let kind = r.kind.as_ref().map(|k| match k {
@@ -131,9 +139,14 @@ fn responses_encode_and_decode_as_the_generated_code_does() {
             results: (0..rng.random_range(0..6))
                 .map(|_| result(&mut rng))
                 .collect(),
+            given_back: given_back(&mut rng),
         };
         let ours = wire::ProcessResponse {
             results: generated.results.iter().map(result_to_wire).collect(),
+            given_back: generated.given_back.as_ref().map(|g| wire::GivenBack {
+                not_started: g.not_started.clone(),
+                stopped: g.stopped.clone(),
+            }),
         };
         let bytes = ours.encode_to_vec();
         assert_eq!(bytes, generated.encode_to_vec(), "the same bytes");
@@ -143,6 +156,56 @@ fn responses_encode_and_decode_as_the_generated_code_does() {
             ours
         );
     }
+}
+
+#[test]
+fn a_response_that_gives_jobs_back_is_the_bytes_prost_writes() {
+    let generated = proto::ProcessResponse {
+        results: vec![proto::JobResult {
+            job_id: "done".into(),
+            batch_id: "b".into(),
+            outcome: proto::Outcome::Ok as i32,
+            ..Default::default()
+        }],
+        given_back: Some(proto::GivenBack {
+            not_started: vec!["a".into(), "".into(), "🦀".repeat(20)],
+            stopped: vec!["s".into()],
+        }),
+    };
+    let ours = wire::ProcessResponse {
+        results: vec![wire::JobResult {
+            job_id: "done".into(),
+            batch_id: "b".into(),
+            outcome: proto::Outcome::Ok as i32,
+            ..Default::default()
+        }],
+        given_back: Some(wire::GivenBack {
+            not_started: vec!["a".into(), "".into(), "🦀".repeat(20)],
+            stopped: vec!["s".into()],
+        }),
+    };
+    let bytes = ours.encode_to_vec();
+    assert_eq!(bytes, generated.encode_to_vec());
+    assert_eq!(ours.encoded_len(), bytes.len());
+    assert_eq!(
+        proto::ProcessResponse::decode(bytes.as_slice()).unwrap(),
+        generated
+    );
+    assert_eq!(
+        wire::ProcessResponse::decode(bytes.as_slice()).unwrap(),
+        ours
+    );
+    // Present but empty is not absent: field 2 with a zero length.
+    let empty = wire::ProcessResponse {
+        results: Vec::new(),
+        given_back: Some(wire::GivenBack::default()),
+    };
+    assert_eq!(empty.encode_to_vec(), [0x12, 0]);
+    let theirs = proto::ProcessResponse {
+        results: Vec::new(),
+        given_back: Some(proto::GivenBack::default()),
+    };
+    assert_eq!(empty.encode_to_vec(), theirs.encode_to_vec());
 }
 
 #[test]

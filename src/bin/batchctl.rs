@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use batchd::client::map::MapInputs;
 use batchd::client::{
-    self, CallOptions, ClientError, LineDefaults, MapOptions, Progress, RunOptions, Summary,
-    Template,
+    self, CallOptions, ClientError, ClientTls, Endpoints, LineDefaults, MapOptions, Progress,
+    RunOptions, Summary, Template,
 };
 use batchd::proto::batch_service_client::BatchServiceClient;
 use batchd::telemetry::{ClientTelemetry, RunEnd, RunTrace};
@@ -20,7 +20,6 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
-use tonic::transport::Channel;
 
 // mimalloc: with glibc's malloc, payload buffers of a few MiB, allocated and freed on different
 // threads, stay in its arenas (its mmap threshold rises to the largest block freed), so `map` over
@@ -34,7 +33,7 @@ const EXIT_OK: u8 = 0;
 const EXIT_NOT_OK: u8 = 1;
 /// Usage or input error.
 const EXIT_INPUT: u8 = 2;
-/// The daemon cannot be reached.
+/// The daemon cannot be reached (or every replica was lost and none came back in time).
 const EXIT_UNREACHABLE: u8 = 3;
 /// Interrupted by Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
@@ -43,14 +42,64 @@ const EXIT_INTERRUPTED: u8 = 130;
 #[derive(Debug, Parser)]
 #[command(name = "batchctl", version, max_term_width = 100)]
 struct Cli {
-    /// The daemon's address
-    #[arg(long, global = true, env = "BATCHD_ENDPOINT", default_value = client::DEFAULT_ENDPOINT)]
-    endpoint: String,
+    /// The daemon's address: http://HOST:PORT, https://HOST:PORT (TLS), HOST:PORT (https:// with
+    /// --tls-* options), or dns:///NAME:PORT for every address of NAME (one replica each, e.g. a
+    /// headless Service). A comma-separated list, repeatable: jobs are spread over the replicas,
+    /// and a lost replica's unanswered jobs go to the others
+    #[arg(long, global = true, env = "BATCHD_ENDPOINT", value_name = "ENDPOINT",
+          default_value = client::DEFAULT_ENDPOINT)]
+    endpoint: Vec<String>,
     /// File holding the bearer token for a daemon with principals (else $BATCHD_TOKEN, the token)
     #[arg(long, global = true, env = "BATCHD_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsFlags,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS of https:// endpoints. The variables are not BATCHD_TLS_CERT/KEY: those set the daemon's own.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "TLS (https:// endpoints)")]
+struct TlsFlags {
+    /// CA certificates (PEM) that sign the daemon's certificate [default: the system's]
+    #[arg(long, global = true, env = "BATCHD_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a daemon that requires one (mTLS); with --tls-key
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_CLIENT_CERT",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_CLIENT_KEY",
+        value_name = "FILE"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Name the daemon's certificate must hold [default: the endpoint's host]
+    #[arg(
+        long,
+        global = true,
+        env = "BATCHD_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
+    tls_server_name: Option<String>,
+}
+
+impl TlsFlags {
+    fn settings(&self) -> ClientTls {
+        ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +218,16 @@ struct CallArgs {
     /// Skip jobs the job log records as ok (needs --joblog)
     #[arg(long, requires = "joblog")]
     resume: bool,
+    /// With every replica lost, how long to keep trying them before exiting 3 (--deadline ends
+    /// the wait earlier)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
+          default_value = "30s")]
+    reconnect_timeout: Duration,
+    /// How often dns:/// names are resolved again (and after every lost replica), so that new
+    /// replicas get jobs
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration,
+          default_value = "10s")]
+    resolve_every: Duration,
     /// No progress line, only the summary
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -197,12 +256,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_INPUT);
         }
     };
+    let tls = cli.tls.settings();
+    let endpoints =
+        match Endpoints::parse(&cli.endpoint, tls.is_set()).and_then(|e| e.with_tls(&tls)) {
+            Ok(e) => e,
+            Err(e) => {
+                let fail = Fail::from(e);
+                eprintln!("batchctl: {}", fail.message);
+                return ExitCode::from(fail.code);
+            }
+        };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => traced(&cli.endpoint, token, Work::Run(args)).await,
-            Command::Map(args) => traced(&cli.endpoint, token, Work::Map(args)).await,
-            Command::Handlers => handlers(&cli.endpoint, token).await,
-            Command::Health => health(&cli.endpoint).await,
+            Command::Run(args) => traced(&endpoints, token, Work::Run(args)).await,
+            Command::Map(args) => traced(&endpoints, token, Work::Map(args)).await,
+            Command::Handlers => handlers(&endpoints, token).await,
+            Command::Health => health(&endpoints).await,
             Command::Completions { shell } => {
                 let mut script = Vec::new();
                 clap_complete::generate(shell, &mut Cli::command(), "batchctl", &mut script);
@@ -231,10 +300,13 @@ struct Fail {
 impl From<ClientError> for Fail {
     fn from(e: ClientError) -> Self {
         let code = match &e {
-            ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
-            ClientError::BadEndpoint(..) | ClientError::Bad(_) | ClientError::Input(_) => {
-                EXIT_INPUT
-            }
+            ClientError::Unreachable { .. }
+            | ClientError::NoReplica { .. }
+            | ClientError::Certificate { .. } => EXIT_UNREACHABLE,
+            ClientError::BadEndpoint(..)
+            | ClientError::Tls(_)
+            | ClientError::Bad(_)
+            | ClientError::Input(_) => EXIT_INPUT,
             ClientError::JobLog(_) | ClientError::Output(_) | ClientError::Call(_) => EXIT_NOT_OK,
         };
         Self {
@@ -348,7 +420,11 @@ enum Work {
 
 /// `run` or `map` inside a `batchctl.run` span when an OTLP endpoint is configured (`OTEL_*`
 /// variables); the span is exported before batchctl exits, within a bounded time.
-async fn traced(endpoint: &str, token: Option<client::Token>, work: Work) -> Result<u8, Fail> {
+async fn traced(
+    endpoints: &Endpoints,
+    token: Option<client::Token>,
+    work: Work,
+) -> Result<u8, Fail> {
     // Listening starts before anything else, so that even a Ctrl-C while connecting ends with a
     // summary; it goes on until batchctl exits, so that a second one is never ignored.
     let ctrl_c = CtrlC::listen();
@@ -356,10 +432,10 @@ async fn traced(endpoint: &str, token: Option<client::Token>, work: Work) -> Res
         eprintln!("batchctl: tracing off: {e}");
         ClientTelemetry::disabled()
     });
-    let mut trace = telemetry.start_run("Process", endpoint);
+    let mut trace = telemetry.start_run("Process", &endpoints.names());
     let res = match work {
-        Work::Run(args) => run(endpoint, args, token, &mut trace, ctrl_c.first()).await,
-        Work::Map(args) => map(endpoint, args, token, &mut trace, ctrl_c.first()).await,
+        Work::Run(args) => run(endpoints, args, token, &mut trace, ctrl_c.first()).await,
+        Work::Map(args) => map(endpoints, args, token, &mut trace, ctrl_c.first()).await,
     };
     ctrl_c.finishing(matches!(res, Ok(EXIT_INTERRUPTED)));
     let (end, code) = match &res {
@@ -385,6 +461,16 @@ struct Names {
 impl Names {
     fn fail(&self, e: ClientError) -> Fail {
         match e {
+            e @ ClientError::NoReplica { .. } => {
+                let mut fail = Fail::from(e);
+                if !self.joblog.is_empty() {
+                    fail.message.push_str(&format!(
+                        "; the job log {} has what finished: run again with --resume to finish",
+                        self.joblog
+                    ));
+                }
+                fail
+            }
             ClientError::Input(e) => {
                 Fail::io(EXIT_INPUT, format!("cannot read {}", self.input), &e)
             }
@@ -409,6 +495,8 @@ impl CallArgs {
             deadline: self.deadline,
             trace: Some(trace.headers().clone()),
             token,
+            reconnect_timeout: self.reconnect_timeout,
+            resolve_every: self.resolve_every,
             ..CallOptions::default()
         }
     }
@@ -454,22 +542,8 @@ impl CallArgs {
     }
 }
 
-/// Connects, or gives up at the first Ctrl-C.
-async fn connect_or_interrupt(
-    endpoint: &str,
-    interrupt: &mut (impl std::future::Future<Output = ()> + Unpin),
-) -> Result<Option<BatchServiceClient<Channel>>, Fail> {
-    tokio::select! {
-        c = client::connect(endpoint) => Ok(Some(c?)),
-        () = interrupt => {
-            eprintln!("batchctl: interrupted before any job was sent");
-            Ok(None)
-        }
-    }
-}
-
 async fn run(
-    endpoint: &str,
+    endpoints: &Endpoints,
     args: RunArgs,
     token: Option<client::Token>,
     trace: &mut RunTrace,
@@ -518,25 +592,15 @@ async fn run(
             }
         }))
     });
-    let mut interrupt = std::pin::pin!(interrupt);
-    let Some(mut client) = connect_or_interrupt(endpoint, &mut interrupt).await? else {
-        return Ok(EXIT_INTERRUPTED);
-    };
     let (summary, res) = client::run(
-        &mut client,
-        input,
-        output,
-        joblog,
-        &opts,
-        &progress,
-        interrupt,
+        endpoints, input, output, joblog, &opts, &progress, interrupt,
     )
     .await;
     finish(trace, &summary, res.map_err(|e| names.fail(e)))
 }
 
 async fn map(
-    endpoint: &str,
+    endpoints: &Endpoints,
     args: MapArgs,
     token: Option<client::Token>,
     trace: &mut RunTrace,
@@ -589,12 +653,8 @@ async fn map(
             }
         }))
     });
-    let mut interrupt = std::pin::pin!(interrupt);
-    let Some(mut client) = connect_or_interrupt(endpoint, &mut interrupt).await? else {
-        return Ok(EXIT_INTERRUPTED);
-    };
     let (summary, res) = client::map(
-        &mut client,
+        endpoints,
         inputs,
         tokio::io::stdout(),
         joblog,
@@ -606,12 +666,25 @@ async fn map(
     finish(trace, &summary, res.map_err(|e| names.fail(e)))
 }
 
-/// Records the run, prints its summary and turns it into the exit code.
+/// Records the run, prints its summary and turns it into the exit code. A run that never reached
+/// a daemon says only that.
 fn finish(trace: &mut RunTrace, summary: &Summary, res: Result<(), Fail>) -> Result<u8, Fail> {
     trace.record(summary);
-    eprintln!("batchctl: {}", summary.line());
+    let never_connected = matches!(&res, Err(f) if f.code == EXIT_UNREACHABLE) && summary.sent == 0;
+    if !never_connected {
+        eprintln!("batchctl: {}", summary.line());
+    }
     res?;
     Ok(code_of(summary))
+}
+
+/// A duration above zero (`--resolve-every`).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be above zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `KEY=VALUE` of `--param`, the value a template.
@@ -674,8 +747,23 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     Ok(n + u64::from(last != b'\n'))
 }
 
-async fn handlers(endpoint: &str, token: Option<client::Token>) -> Result<u8, Fail> {
-    let mut client = client::connect(endpoint).await?;
+/// The first replica that answers (in the order the endpoints name them).
+async fn first_channel(endpoints: &Endpoints) -> Result<tonic::transport::Channel, ClientError> {
+    let mut last = None;
+    for (_, channel) in endpoints.channels().await {
+        match channel {
+            Ok(channel) => return Ok(channel),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Unreachable {
+        endpoint: endpoints.names(),
+        reason: "no replica".into(),
+    }))
+}
+
+async fn handlers(endpoints: &Endpoints, token: Option<client::Token>) -> Result<u8, Fail> {
+    let mut client = BatchServiceClient::new(first_channel(endpoints).await?);
     let mut request = tonic::Request::new(batchd::proto::ListHandlersRequest {});
     if let Some(token) = token {
         token.insert_into(request.metadata_mut());
@@ -683,7 +771,7 @@ async fn handlers(endpoint: &str, token: Option<client::Token>) -> Result<u8, Fa
     let list = client
         .list_handlers(request)
         .await
-        .map_err(ClientError::from_status)?
+        .map_err(|status| endpoints.explain(ClientError::from_status(status)))?
         .into_inner();
     let width = list
         .handlers
@@ -698,23 +786,48 @@ async fn handlers(endpoint: &str, token: Option<client::Token>) -> Result<u8, Fa
     print(text.as_bytes())
 }
 
-async fn health(endpoint: &str) -> Result<u8, Fail> {
+/// One replica: `SERVING` (exit 0), another status (exit 1), unreachable (exit 3). Several:
+/// a `NAME STATUS` line each, exit 0 when every one serves, 3 when none answers, else 1.
+async fn health(endpoints: &Endpoints) -> Result<u8, Fail> {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let channel = client::channel(endpoint).await?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map_err(ClientError::from_status)?
-        .into_inner()
-        .status();
-    print(format!("{}\n", status.as_str_name()).as_bytes())?;
-    Ok(if status == ServingStatus::Serving {
-        EXIT_OK
-    } else {
-        EXIT_NOT_OK
-    })
+    let channels = endpoints.channels().await;
+    let (total, several) = (channels.len(), channels.len() > 1);
+    let (mut serving, mut answered, mut text) = (0, 0, String::new());
+    let mut unreachable = None;
+    for (name, channel) in channels {
+        let asked = match channel {
+            Ok(channel) => HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|status| endpoints.explain(ClientError::from_status(status))),
+            Err(e) => Err(e),
+        };
+        let status = match asked {
+            Ok(r) => {
+                answered += 1;
+                r.into_inner().status()
+            }
+            Err(e) if !several => return Err(Fail::from(e)),
+            Err(e) => {
+                text.push_str(&format!("{name} UNREACHABLE {e}\n"));
+                unreachable = Some(e);
+                continue;
+            }
+        };
+        serving += usize::from(status == ServingStatus::Serving);
+        match several {
+            true => text.push_str(&format!("{name} {}\n", status.as_str_name())),
+            false => text.push_str(&format!("{}\n", status.as_str_name())),
+        }
+    }
+    print(text.as_bytes())?;
+    match (answered, unreachable) {
+        (0, Some(e)) => Err(Fail::from(e)),
+        _ if serving == total && total > 0 => Ok(EXIT_OK),
+        _ => Ok(EXIT_NOT_OK),
+    }
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use batchd::config::{Config, ConfigError, Flags};
 use batchd::handlers::exec::{self, Reaper};
 use batchd::server::systemd::{self, Systemd};
+use batchd::server::tls::Tls;
 use batchd::{Engine, Registry, Server};
 use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -47,7 +48,12 @@ fn main() -> ExitCode {
     if let Err(e) = batchd::auth::check_handlers(&config.principal, |h| registry.get(h).is_some()) {
         return config_error(&ConfigError::from(e));
     }
-    match run(config, registry, reaper, &cli.flags) {
+    // The TLS files are read before anything binds: a bad one is a config error (exit 64).
+    let tls = match Tls::from_config(&config) {
+        Ok(tls) => tls,
+        Err(e) => return config_error(&e),
+    };
+    match run(config, registry, reaper, &cli.flags, tls) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -62,14 +68,20 @@ fn config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn run(config: Config, registry: Registry, reaper: Reaper, flags: &Flags) -> anyhow::Result<()> {
+fn run(
+    config: Config,
+    registry: Registry,
+    reaper: Reaper,
+    flags: &Flags,
+    tls: Option<Tls>,
+) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // An idle worker hands back the memory a burst left in its heap (hand_back.rs).
         .on_thread_park(hand_back::on_park)
         .build()
         .context("starting the runtime")?
-        .block_on(run_on_runtime(config, registry, reaper, flags))
+        .block_on(run_on_runtime(config, registry, reaper, flags, tls))
 }
 
 async fn run_on_runtime(
@@ -77,6 +89,7 @@ async fn run_on_runtime(
     registry: Registry,
     reaper: Reaper,
     flags: &Flags,
+    tls: Option<Tls>,
 ) -> anyhow::Result<()> {
     // Installed first and kept to the end: tokio's handler stays installed once a signal is
     // listened for, so a signal nobody listens for would be swallowed.
@@ -85,7 +98,16 @@ async fn run_on_runtime(
     let telemetry = batchd::telemetry::init(&config).context("setting up telemetry")?;
     // Subreaper, clean-up after a crashed instance, isolation logged: before serving.
     exec::start_up(&reaper);
-    let res = serve(config, registry, &reaper, &telemetry, &mut signals, flags).await;
+    let res = serve(
+        config,
+        registry,
+        &reaper,
+        &telemetry,
+        &mut signals,
+        flags,
+        tls,
+    )
+    .await;
     let finish = async {
         // Jobs stopped by shutdown left their commands' process groups to the reaper: wait for it
         // (bounded by the longest kill_grace) while the runtime that runs its tasks is still here.
@@ -118,6 +140,7 @@ async fn serve(
     telemetry: &batchd::telemetry::Telemetry,
     signals: &mut Signals,
     flags: &Flags,
+    tls: Option<Tls>,
 ) -> anyhow::Result<()> {
     // Socket activation: systemd's sockets, bound before the daemon starts, replace `listen` and
     // `admin_listen`; whatever it did not pass is bound here.
@@ -141,6 +164,9 @@ async fn serve(
     };
     let listen = listener.local_addr()?;
     let mut server = Server::new(config, registry).with_admin(admin);
+    if let Some(tls) = &tls {
+        server = server.with_tls(tls.clone());
+    }
     if let Some(systemd) = Systemd::from_env() {
         tracing::info!(
             watchdog = ?systemd.watchdog(),
@@ -163,7 +189,7 @@ async fn serve(
                     tracing::info!(signal = name, "graceful shutdown (send it again to stop at once)");
                     break;
                 }
-                None => reload(flags, &engine, listen),
+                None => reload(flags, &engine, listen, tls.as_ref()),
             },
         }
     }
@@ -174,10 +200,17 @@ async fn serve(
     }
 }
 
-/// SIGHUP: the principals (tokens, quotas, weights, handlers) and `reflection_open` of the config as
-/// it is now, for calls opened from now on. A config that would not start is refused with the same
-/// message, and the principals in force stay. Other fields take effect at the next start.
-fn reload(flags: &Flags, engine: &Engine, listen: std::net::SocketAddr) {
+/// SIGHUP: reads again what changes without a restart. The TLS certificate, key and client CAs
+/// (their files also reload by themselves when they change; a file that does not load leaves the
+/// one in force, and `Tls::reload` logs either outcome). Then the principals (tokens, quotas,
+/// weights, handlers) and `reflection_open` of the config as it is now, for calls opened from now
+/// on: a config that would not start is refused with the same message, and the principals in force
+/// stay. Other fields, the TLS file paths included, take effect at the next start.
+fn reload(flags: &Flags, engine: &Engine, listen: std::net::SocketAddr, tls: Option<&Tls>) {
+    if let Some(tls) = tls {
+        tracing::info!("SIGHUP: reloading the TLS files");
+        let _ = tls.reload();
+    }
     let loaded = Config::load(flags, std::env::vars()).and_then(|c| {
         let known = |h: &str| engine.registry().get(h).is_some();
         batchd::auth::check_handlers(&c.principal, known)?;
@@ -196,7 +229,7 @@ fn reload(flags: &Flags, engine: &Engine, listen: std::net::SocketAddr) {
                 principals = n,
                 "SIGHUP: principals reloaded (other fields take effect at the next start)"
             );
-            batchd::server::warn_plaintext_tokens(&config, listen);
+            batchd::server::warn_plaintext_tokens(&config, listen, tls.is_some());
         }
         Err(e) => tracing::error!(
             "SIGHUP: reload refused, the principals in force stay: {}",

@@ -1,27 +1,40 @@
-//! One Process call fed by a [`Source`] of jobs, its results handed to a [`Sink`]: the sending and
-//! receiving core that `batchctl run` (JSON Lines in) and `batchctl map` (files in) share.
+//! A run's Process calls fed by a [`Source`] of jobs, its results handed to a [`Sink`]: the
+//! sending and receiving core that `batchctl run` (JSON Lines in) and `batchctl map` (files in)
+//! share, over one daemon or several replicas ([`super::replicas`]).
 //!
-//! The call cuts batches to `batch_size` jobs and `max_message` bytes (exact prost sizes), keeps at
-//! most `max_in_flight` jobs and `max_in_flight_bytes` of payload unanswered, resends jobs that end
+//! The core cuts batches to `batch_size` jobs and `max_message` bytes (exact prost sizes), sends
+//! each batch to the live replica with the fewest unanswered jobs, keeps at most `max_in_flight`
+//! jobs and `max_in_flight_bytes` of payload unanswered across all replicas, resends jobs that end
 //! failed or timed out (`retry`, with exponential backoff), writes the job log, counts everything
-//! in a [`Summary`], and stops the whole call on an interrupt (the daemon then stops every job).
+//! in a [`Summary`], and stops every call on an interrupt (the daemons then stop every job).
+//!
+//! **Failover.** Every job is kept until its result is written. When a replica is lost (its call
+//! fails: UNAVAILABLE, a reset or protocol error ending UNKNOWN, a keepalive timeout, a closed
+//! connection) or drains, its jobs without a result go back in the resubmission queue and to the
+//! other replicas, before any new input. So each input job gets exactly one result, and runs at
+//! least once: one that a lost replica had run, or started, without its result arriving, runs
+//! again (counted in [`Summary::resubmitted`]). A result for a job that has one already, or that
+//! is no longer on that call, is dropped and counted. With every replica gone, jobs wait while the
+//! replicas are tried again with jittered backoff, up to `reconnect_timeout` (and `deadline`).
+//!
+//! The resubmission queue holds ids of jobs in the in-flight table only, each at most once, so it
+//! is bounded by `max_in_flight` like everything else the run holds.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
+use super::endpoints::Endpoints;
 use super::progress::Progress;
 use super::record::{outcome_name, LogRecord};
-use super::{ClientError, Summary, Token, TraceHeaders};
+use super::replicas::{CallId, CallSetup, Event, Pool, Timing};
+use super::{plural, ClientError, Summary, Token, TraceHeaders};
 use crate::outcome::Outcome;
-use crate::proto::{self, batch_service_client::BatchServiceClient, process_request::Kind};
+use crate::proto::{self, process_request::Kind};
 use crate::units::ByteSize;
 
 /// Default of [`CallOptions::max_message`]: the daemon's default `max_message_size`, so that any
@@ -39,6 +52,12 @@ const JOBS_FIELD: u32 = 2;
 const PAYLOAD_FIELD: u32 = 3;
 /// Longest pause between retries of a job.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Default of [`CallOptions::reconnect_timeout`].
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`CallOptions::resolve_every`].
+pub const DEFAULT_RESOLVE_EVERY: Duration = Duration::from_secs(10);
+/// Default of [`CallOptions::keepalive`].
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// How a call sends, bounds and retries its jobs.
 #[derive(Debug, Clone)]
@@ -66,6 +85,15 @@ pub struct CallOptions {
     pub trace: Option<TraceHeaders>,
     /// Credentials for a daemon with principals (`authorization: Bearer …`).
     pub token: Option<Token>,
+    /// With every replica lost, how long to keep trying them before giving up
+    /// ([`ClientError::NoReplica`]); `deadline` ends the wait earlier.
+    pub reconnect_timeout: Duration,
+    /// How often `dns:///` names are resolved again (also after every loss), so that new
+    /// replicas join the run.
+    pub resolve_every: Duration,
+    /// HTTP/2 keepalive pings on each replica's connection, this often and answered within as
+    /// long: a replica gone silent (a partition, a frozen host) is lost after at most twice this.
+    pub keepalive: Duration,
 }
 
 impl Default for CallOptions {
@@ -81,6 +109,9 @@ impl Default for CallOptions {
             deadline: None,
             trace: None,
             token: None,
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
+            resolve_every: DEFAULT_RESOLVE_EVERY,
+            keepalive: DEFAULT_KEEPALIVE,
         }
     }
 }
@@ -182,6 +213,9 @@ pub struct Finished<T> {
     pub seq: u64,
     /// How many times it was sent.
     pub attempts: u32,
+    /// How many times it was sent again because its replica was lost or gave it back (it may
+    /// have run that many times more).
+    pub resubmissions: u32,
     /// The source's tag.
     pub tag: T,
 }
@@ -204,11 +238,12 @@ pub trait Sink<T> {
     fn finish(&mut self) -> impl Future<Output = Result<(), ClientError>>;
 }
 
-/// Runs a Process call on `client` until `source` is done and every result is delivered to
-/// `sink` (and to the job log, if given), until `interrupt` completes (the call is cancelled: the
-/// daemon stops all of its jobs), or until the first error.
+/// Runs the jobs of `source` on the replicas of `to` (one Process call each) until `source` is
+/// done and every result is delivered to `sink` (and to the job log, if given), until `interrupt`
+/// completes (the calls are cancelled: the daemons stop all of their jobs), or until the first
+/// error. `to` may be [`Endpoints`], or a client or channel of the caller's (one replica).
 pub async fn drive<S, K, L>(
-    client: &mut BatchServiceClient<Channel>,
+    to: impl Into<Endpoints>,
     source: &mut S,
     sink: &mut K,
     joblog: Option<L>,
@@ -222,7 +257,24 @@ where
     L: AsyncWrite + Unpin,
 {
     let mut call = Call::new(opts, sink, joblog);
-    let res = call.run(client, source, progress, interrupt).await;
+    let setup = CallSetup {
+        deadline: opts.deadline.map(|d| call.started + d),
+        token: opts.token.clone(),
+        // One trace for every call: the daemons' spans all join it (a child of $TRACEPARENT when
+        // the caller runs in one).
+        trace: opts.trace.clone().unwrap_or_else(|| {
+            let parent = std::env::var("TRACEPARENT").ok();
+            TraceHeaders::generated(parent.as_deref())
+        }),
+    };
+    let timing = Timing {
+        resolve_every: opts.resolve_every,
+        keepalive: opts.keepalive,
+    };
+    let res = match Pool::new(to.into(), setup, timing) {
+        Ok(mut pool) => call.run(&mut pool, source, progress, interrupt).await,
+        Err(e) => Err(e),
+    };
     // Results already received are written even when the call stops early.
     let finished = call.sink.finish().await;
     call.summary.elapsed = call.started.elapsed();
@@ -272,17 +324,37 @@ struct Building {
     body: usize,
 }
 
-/// A job sent and not finished.
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// In the batch being filled.
+    Building,
+    /// In the resubmission queue, waiting for a replica.
+    Resend,
+    /// Waiting for its retry (`retry`).
+    Retry,
+    /// Assigned to this replica's call (queued to send or sent), no result yet.
+    At(usize, CallId),
+}
+
+/// A job taken from the source and not finished.
 struct Tracked<T> {
     seq: u64,
     attempts: u32,
     batch: String,
-    /// Kept only when it may be retried.
-    job: Option<proto::Job>,
+    /// Kept until the job's result is written: it may have to go to another replica.
+    job: proto::Job,
     /// Payload bytes it holds against `max_in_flight_bytes`.
     bytes: usize,
     origin: Origin,
     tag: T,
+    place: Place,
+    /// Counted in [`Summary::sent`] already.
+    sent: bool,
+    /// Taken from a replica that saw it (lost, drained, gave it back): its next send is a
+    /// resubmission.
+    displaced: bool,
+    resubmissions: u32,
 }
 
 struct Call<'a, T, K, L> {
@@ -293,8 +365,11 @@ struct Call<'a, T, K, L> {
     inflight: HashMap<String, Tracked<T>>,
     next_seq: u64,
     building: Option<Building>,
-    /// Requests ready to send, with how many new (not retried) jobs each carries.
-    outgoing: VecDeque<(proto::ProcessRequest, u64)>,
+    /// Batches cut and not handed to a replica yet (one or two: the core hands them over at once).
+    batches: VecDeque<Building>,
+    /// Ids of jobs (in `inflight`, place [`Place::Resend`], each once) to send again, before any
+    /// new input: at most `inflight.len()`, so at most `max_in_flight`.
+    resend: VecDeque<String>,
     retries: BinaryHeap<Reverse<(Instant, u64, String)>>,
     /// Payload bytes of the jobs in `inflight`.
     held_bytes: usize,
@@ -320,7 +395,8 @@ where
             inflight: HashMap::new(),
             next_seq: 0,
             building: None,
-            outgoing: VecDeque::new(),
+            batches: VecDeque::new(),
+            resend: VecDeque::new(),
             retries: BinaryHeap::new(),
             held_bytes: 0,
             wants: None,
@@ -331,73 +407,63 @@ where
 
     async fn run<S: Source<Tag = T>>(
         &mut self,
-        client: &mut BatchServiceClient<Channel>,
+        pool: &mut Pool,
         source: &mut S,
         progress: &Progress,
         interrupt: impl Future<Output = ()>,
     ) -> Result<(), ClientError> {
         let mut input_done = false;
-        let (tx, rx) = mpsc::channel(2);
-        let mut tx = Some(tx);
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(d) = self.opts.deadline {
-            request.set_timeout(d);
-        }
-        if let Some(token) = &self.opts.token {
-            token.insert_into(request.metadata_mut());
-        }
-        // The daemon's spans join this trace: a child of $TRACEPARENT when the caller runs in one.
-        match &self.opts.trace {
-            Some(trace) => trace.insert_into(request.metadata_mut()),
-            None => {
-                let parent = std::env::var("TRACEPARENT").ok();
-                TraceHeaders::generated(parent.as_deref()).insert_into(request.metadata_mut());
-            }
-        }
-        let mut responses = client
-            .process(request)
-            .await
-            .map_err(ClientError::from_status)?
-            .into_inner();
+        let deadline = self.opts.deadline.map(|d| self.started + d);
+        // Since when no replica has been live while work waits.
+        let mut lost_since: Option<Instant> = None;
         tokio::pin!(interrupt);
 
         loop {
+            self.assign_resends(pool);
+            if let Some(e) = pool.unreachable() {
+                return Err(e);
+            }
+            let done = input_done && self.inflight.is_empty() && self.building.is_none();
+            debug_assert!(
+                self.batches.is_empty(),
+                "batches are handed over as they are cut"
+            );
+            if done && pool.ever_live() {
+                // Every job has its result: half-close every call and wait for their ends.
+                pool.finish();
+                if pool.open_calls() == 0 {
+                    return Ok(());
+                }
+            } else {
+                self.summary.replicas_live = pool.live() as u64;
+                self.summary.replicas_known = pool.known() as u64;
+            }
+            lost_since = match (pool.live(), pool.ever_live() && !done) {
+                (0, true) => Some(lost_since.unwrap_or_else(Instant::now)),
+                _ => None,
+            };
+            let give_up_at = lost_since
+                .map(|since| since + self.opts.reconnect_timeout)
+                .map(|at| deadline.map_or(at, |d| d.min(at)));
             let retry_at = self.retries.peek().map(|Reverse((at, _, _))| *at);
             let room = self.room();
-            let can_read = !input_done && self.outgoing.is_empty() && self.has_room(room);
-            // Half-close once nothing more can be sent: no input, no batch waiting, no retry possible.
-            if input_done
-                && self.outgoing.is_empty()
-                && self.retries.is_empty()
-                && (self.opts.retry == 0 || self.inflight.is_empty())
-            {
-                tx = None;
-            }
-            let sender = tx.clone();
+            let can_read = !input_done
+                && self.resend.is_empty()
+                && pool.pick().is_some()
+                && self.has_room(room);
             tokio::select! {
                 biased;
                 () = &mut interrupt => {
                     self.summary.interrupted = true;
                     return Ok(());
                 }
-                msg = responses.message() => match msg {
-                    Ok(Some(msg)) => {
-                        self.results(msg.results, progress).await?;
-                        progress.tick(&self.summary);
-                    }
-                    Ok(None) => return Ok(()),
-                    Err(status) => return Err(ClientError::from_status(status)),
-                },
+                event = poll_fn(|cx| pool.poll_event(cx)) => {
+                    self.event(event, pool, progress).await?;
+                }
                 () = sleep_until(retry_at), if retry_at.is_some() => self.resend_due(),
-                permit = reserve(sender.as_ref()), if !self.outgoing.is_empty() && sender.is_some() => {
-                    match (permit, self.outgoing.pop_front()) {
-                        (Some(permit), Some((req, new_jobs))) => {
-                            permit.send(req);
-                            self.summary.sent += new_jobs;
-                        }
-                        // The call ended; its status arrives on the response stream.
-                        _ => tx = None,
-                    }
+                () = sleep_until(give_up_at), if give_up_at.is_some() => {
+                    let waited = lost_since.map_or(Duration::ZERO, |s| s.elapsed());
+                    return Err(pool.no_replica(waited));
                 }
                 pulled = source.next(room), if can_read => {
                     let mut pulled = pulled;
@@ -408,14 +474,17 @@ where
                                 input_done = true;
                                 break;
                             }
-                            Some(pull) => self.take(pull?, progress)?,
+                            Some(pull) => {
+                                self.take(pull?, progress)?;
+                                self.send_batches(pool);
+                            }
                         }
                         let full = self
                             .building
                             .as_ref()
                             .is_some_and(|b| b.jobs.len() >= self.opts.batch_size);
                         let room = self.room();
-                        if full || !self.outgoing.is_empty() || !self.has_room(room) {
+                        if full || pool.pick().is_none() || !self.has_room(room) {
                             break;
                         }
                         // Take what is already there; send a partial batch rather than wait.
@@ -425,7 +494,213 @@ where
                         }
                     }
                     self.flush_batch();
+                    self.send_batches(pool);
                 }
+            }
+        }
+    }
+
+    /// Takes in what happened to a replica.
+    async fn event(
+        &mut self,
+        event: Event,
+        pool: &mut Pool,
+        progress: &Progress,
+    ) -> Result<(), ClientError> {
+        match event {
+            Event::Reply { replica, call, msg } => {
+                if let Some(back) = msg.given_back {
+                    if let Some(unsent) = pool.drain(replica, call) {
+                        self.drained(replica, call, unsent, pool, progress);
+                    }
+                    let ids = back.not_started.into_iter().chain(back.stopped);
+                    self.give_back(replica, call, ids, pool);
+                }
+                self.results(replica, call, msg.results, pool, progress)
+                    .await?;
+                progress.tick(&self.summary);
+            }
+            Event::Draining {
+                replica,
+                call,
+                unsent,
+            } => self.drained(replica, call, unsent, pool, progress),
+            Event::Ended {
+                replica,
+                call,
+                lost,
+                unsent,
+            } => {
+                self.unassign(&unsent);
+                let n = self.requeue(replica, call);
+                if let Some(why) = lost {
+                    self.summary.replicas_lost += 1;
+                    let resubmit = match n {
+                        0 => String::new(),
+                        n => format!("; {} without a result go to the others", plural(n, "job")),
+                    };
+                    progress.message(&format!(
+                        "batchctl: lost replica {}: {why}{resubmit}",
+                        pool.name(replica)
+                    ));
+                } else if n > 0 {
+                    progress.message(&format!(
+                        "batchctl: replica {} ended its call; {} without a result go to the others",
+                        pool.name(replica),
+                        plural(n, "job")
+                    ));
+                }
+                progress.tick(&self.summary);
+            }
+            Event::Fatal(status) => return Err(ClientError::from_status(status)),
+            Event::Note(note) => progress.message(&note),
+            Event::Changed => {}
+        }
+        Ok(())
+    }
+
+    /// A replica drains: the batches it had not sent go to the others at once; its running jobs'
+    /// results still come, and its daemon gives back (or, if older, leaves without result) the rest.
+    fn drained(
+        &mut self,
+        replica: usize,
+        call: CallId,
+        unsent: Vec<proto::ProcessRequest>,
+        pool: &mut Pool,
+        progress: &Progress,
+    ) {
+        self.summary.replicas_lost += 1;
+        let n = self.unassign(&unsent);
+        pool.answered(replica, call, n);
+        progress.message(&format!(
+            "batchctl: replica {} is draining; it gets no more jobs",
+            pool.name(replica)
+        ));
+    }
+
+    /// Jobs of requests never sent go back to the resubmission queue (not counted as resubmitted:
+    /// no replica saw them). Returns how many.
+    fn unassign(&mut self, unsent: &[proto::ProcessRequest]) -> usize {
+        let ids = unsent.iter().flat_map(|r| match &r.kind {
+            Some(Kind::Batch(b)) => b.jobs.as_slice(),
+            _ => &[],
+        });
+        let mut n = 0;
+        for job in ids {
+            if let Some(t) = self.inflight.get_mut(&job.id) {
+                if matches!(t.place, Place::At(..)) {
+                    t.place = Place::Resend;
+                    self.resend.push_back(job.id.clone());
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Jobs the replica's call gave back go to the others. Returns how many.
+    fn give_back(
+        &mut self,
+        replica: usize,
+        call: CallId,
+        ids: impl Iterator<Item = String>,
+        pool: &mut Pool,
+    ) -> u64 {
+        let mut n = 0;
+        for id in ids {
+            if let Some(t) = self.inflight.get_mut(&id) {
+                if t.place == Place::At(replica, call) {
+                    t.place = Place::Resend;
+                    t.displaced = true;
+                    self.resend.push_back(id);
+                    n += 1;
+                }
+            }
+        }
+        pool.answered(replica, call, n as usize);
+        n
+    }
+
+    /// Every job still on the replica's ended call goes to the others. Returns how many.
+    fn requeue(&mut self, replica: usize, call: CallId) -> u64 {
+        let mut n = 0;
+        for (id, t) in &mut self.inflight {
+            if t.place == Place::At(replica, call) {
+                t.place = Place::Resend;
+                t.displaced = true;
+                self.resend.push_back(id.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Sends the resubmission queue out in batches, while some replica can take one.
+    fn assign_resends(&mut self, pool: &mut Pool) {
+        debug_assert!(
+            self.resend.len() <= self.inflight.len()
+                && self.inflight.len() <= self.opts.max_in_flight,
+            "the resubmission queue holds in-flight jobs only"
+        );
+        while !self.resend.is_empty() {
+            let Some(replica) = pool.pick() else {
+                return;
+            };
+            let mut batch_id: Option<String> = None;
+            let mut jobs = Vec::new();
+            let mut body = 0;
+            while let Some(id) = self.resend.front() {
+                let Some(t) = self.inflight.get(id).filter(|t| t.place == Place::Resend) else {
+                    self.resend.pop_front();
+                    continue;
+                };
+                let entry = prost::encoding::message::encoded_len(JOBS_FIELD, &t.job);
+                let same = batch_id.as_ref().is_none_or(|b| *b == t.batch);
+                let fits = request_len(body + entry) <= self.opts.max_message;
+                if !jobs.is_empty() && (!same || !fits || jobs.len() >= self.opts.batch_size) {
+                    break;
+                }
+                if batch_id.is_none() {
+                    body = batch_id_len(&t.batch);
+                    batch_id = Some(t.batch.clone());
+                }
+                body += entry;
+                jobs.push(t.job.clone());
+                self.resend.pop_front();
+            }
+            if let Some(batch_id) = batch_id {
+                self.dispatch(replica, batch_id, jobs, pool);
+            }
+        }
+    }
+
+    /// Queues `jobs` on the replica's call (or, when it is not live, in the resubmission queue).
+    fn dispatch(
+        &mut self,
+        replica: usize,
+        batch_id: String,
+        jobs: Vec<proto::Job>,
+        pool: &mut Pool,
+    ) {
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let place = match pool.send(replica, batch(batch_id, jobs), ids.len()) {
+            Ok(call) => Place::At(replica, call),
+            Err(_) => Place::Resend,
+        };
+        for id in ids {
+            let Some(t) = self.inflight.get_mut(&id) else {
+                continue;
+            };
+            t.place = place;
+            if place == Place::Resend {
+                self.resend.push_back(id);
+            } else if !t.sent {
+                t.sent = true;
+                self.summary.sent += 1;
+            } else if t.displaced {
+                t.displaced = false;
+                t.resubmissions += 1;
+                self.summary.resubmitted += 1;
             }
         }
     }
@@ -452,7 +727,7 @@ where
         room.jobs > 0 && (bytes || room.empty)
     }
 
-    /// Jobs sent or about to be, and results not written yet.
+    /// Jobs taken and not answered, and results not written yet.
     fn outstanding(&self) -> usize {
         self.inflight.len() + self.sink.held()
     }
@@ -513,25 +788,29 @@ where
         let bytes = fed.job.payload.len();
         self.held_bytes += bytes;
         self.summary.peak_bytes = self.summary.peak_bytes.max(self.held_bytes as u64);
+        let building = self.building.get_or_insert_with(|| Building {
+            body: batch_id_len(&fed.batch),
+            batch_id: fed.batch.clone(),
+            jobs: Vec::new(),
+        });
+        building.jobs.push(fed.job.clone());
+        building.body += entry;
         self.inflight.insert(
             fed.job.id.clone(),
             Tracked {
                 seq,
                 attempts: 1,
-                batch: fed.batch.clone(),
-                job: (self.opts.retry > 0).then(|| fed.job.clone()),
+                batch: fed.batch,
+                job: fed.job,
                 bytes,
                 origin: fed.origin,
                 tag: fed.tag,
+                place: Place::Building,
+                sent: false,
+                displaced: false,
+                resubmissions: 0,
             },
         );
-        let building = self.building.get_or_insert_with(|| Building {
-            body: batch_id_len(&fed.batch),
-            batch_id: fed.batch,
-            jobs: Vec::new(),
-        });
-        building.jobs.push(fed.job);
-        building.body += entry;
         Ok(())
     }
 
@@ -544,13 +823,32 @@ where
         Ok(())
     }
 
+    /// Ends the batch being filled.
     fn flush_batch(&mut self) {
         if let Some(b) = self.building.take() {
-            let n = b.jobs.len() as u64;
-            self.outgoing.push_back((batch(b.batch_id, b.jobs), n));
+            self.batches.push_back(b);
         }
     }
 
+    /// Hands every batch cut to the replica that should have it.
+    fn send_batches(&mut self, pool: &mut Pool) {
+        while let Some(b) = self.batches.pop_front() {
+            match pool.pick_any() {
+                Some(replica) => self.dispatch(replica, b.batch_id, b.jobs, pool),
+                None => {
+                    // No replica is live: the jobs wait in the resubmission queue.
+                    for job in b.jobs {
+                        if let Some(t) = self.inflight.get_mut(&job.id) {
+                            t.place = Place::Resend;
+                            self.resend.push_back(job.id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Retries now due go to the resubmission queue.
     fn resend_due(&mut self) {
         let now = Instant::now();
         while let Some(Reverse((at, _, _))) = self.retries.peek() {
@@ -560,10 +858,10 @@ where
             let Some(Reverse((_, _, id))) = self.retries.pop() else {
                 break;
             };
-            if let Some(t) = self.inflight.get(&id) {
-                if let Some(job) = &t.job {
-                    self.outgoing
-                        .push_back((batch(t.batch.clone(), vec![job.clone()]), 0));
+            if let Some(t) = self.inflight.get_mut(&id) {
+                if t.place == Place::Retry {
+                    t.place = Place::Resend;
+                    self.resend.push_back(id);
                 }
             }
         }
@@ -571,25 +869,39 @@ where
 
     async fn results(
         &mut self,
+        replica: usize,
+        call: CallId,
         results: Vec<proto::JobResult>,
+        pool: &mut Pool,
         progress: &Progress,
     ) -> Result<(), ClientError> {
         let mut done = Vec::with_capacity(results.len());
         for r in results {
+            // Only the call the job is on answers it: anything else is a second result.
+            let mine = self
+                .inflight
+                .get(&r.job_id)
+                .is_some_and(|t| t.place == Place::At(replica, call));
+            if !mine {
+                self.summary.duplicates_dropped += 1;
+                continue;
+            }
             let Some(mut t) = self.inflight.remove(&r.job_id) else {
                 continue;
             };
+            pool.answered(replica, call, 1);
             let retryable = matches!(
                 Outcome::from_proto(r.outcome),
                 Some(Outcome::Failed | Outcome::TimedOut)
             );
-            if retryable && t.attempts <= self.opts.retry && t.job.is_some() {
+            if retryable && t.attempts <= self.opts.retry {
                 let backoff = self
                     .opts
                     .retry_backoff
                     .saturating_mul(1 << (t.attempts - 1).min(16))
                     .min(MAX_BACKOFF);
                 t.attempts += 1;
+                t.place = Place::Retry;
                 self.summary.retried += 1;
                 self.retries
                     .push(Reverse((Instant::now() + backoff, t.seq, r.job_id.clone())));
@@ -623,6 +935,7 @@ where
                 result: r,
                 seq: t.seq,
                 attempts: t.attempts,
+                resubmissions: t.resubmissions,
                 tag: t.tag,
             });
         }
@@ -689,12 +1002,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
-}
-
-async fn reserve(
-    tx: Option<&mpsc::Sender<proto::ProcessRequest>>,
-) -> Option<mpsc::Permit<'_, proto::ProcessRequest>> {
-    tx?.reserve().await.ok()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub enum Line {
     TooLong,
 }
 
-/// Splits on `\n`, holding at most `max` bytes of one line in memory.
+/// Splits on `\n`, holding at most `max` bytes of one line in memory (and its `\r`).
 #[derive(Debug)]
 pub struct LineDecoder {
     max: usize,
@@ -65,7 +65,8 @@ impl Decoder for LineDecoder {
                     self.searched = 0;
                     return Ok(None);
                 }
-                (None, false) if buf.len() > self.max => {
+                // A last `\r` may be the start of the line's `\r\n`, not part of the line.
+                (None, false) if buf.len() > self.max + usize::from(buf.last() == Some(&b'\r')) => {
                     buf.clear();
                     self.searched = 0;
                     self.discarding = true;
@@ -145,5 +146,20 @@ mod tests {
             );
         }
         assert_eq!(decode_all(b"0123456789", 4, 3), [Line::TooLong]);
+    }
+
+    #[test]
+    fn a_line_at_the_limit_ending_in_crlf_is_text_in_any_chunking() {
+        // Found by fuzz/fuzz_targets/jobline.rs: the `\r` of a `\r\n` (or of a last line)
+        // counted towards the limit while the newline had not arrived yet.
+        let input = b"abcd\r\nefgh\r";
+        for chunk in 1..=input.len() {
+            assert_eq!(
+                decode_all(input, 4, chunk),
+                [text("abcd"), text("efgh")],
+                "chunk {chunk}"
+            );
+        }
+        assert_eq!(decode_all(b"abcde\r\nx", 4, 2), [Line::TooLong, text("x")]);
     }
 }

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use tokio::io::AsyncWrite;
 use tokio_util::task::AbortOnDropHandle;
-use tonic::transport::Channel;
 
 pub use inputs::MapInputs;
 pub use output::hold_outputs;
@@ -25,11 +24,12 @@ pub use output::hold_outputs;
 use super::call::{
     self, size_text, BadInput, BadKind, CallOptions, Fed, Origin, Pull, Room, Source,
 };
+use super::endpoints::Endpoints;
 use super::jsonl::JsonlSink;
 use super::progress::Progress;
 use super::template::Template;
 use super::{ClientError, Summary};
-use crate::proto::{self, batch_service_client::BatchServiceClient};
+use crate::proto;
 use inputs::{Found, Next, Walker};
 use output::FileSink;
 
@@ -68,12 +68,12 @@ pub struct MapTag {
     pub out: Option<PathBuf>,
 }
 
-/// Maps every input file through `opts.handler` over one Process call: outputs to `--out` files,
-/// or JSON Lines on `results`; the job log, if given, records each finished job. Returns when every
-/// input is done, when `interrupt` completes (the daemon stops every job of the call), or on the
-/// first error.
+/// Maps every input file through `opts.handler` on the replicas of `to` (see [`call::drive`]):
+/// outputs to `--out` files, or JSON Lines on `results`; the job log, if given, records each
+/// finished job. Returns when every input is done, when `interrupt` completes (the daemons stop
+/// every job of the calls), or on the first error.
 pub async fn map<W, L>(
-    client: &mut BatchServiceClient<Channel>,
+    to: impl Into<Endpoints>,
     inputs: MapInputs,
     results: W,
     joblog: Option<L>,
@@ -90,29 +90,11 @@ where
     match &opts.out {
         Some(_) => {
             let mut sink = FileSink::new(progress.clone());
-            call::drive(
-                client,
-                &mut source,
-                &mut sink,
-                joblog,
-                how,
-                progress,
-                interrupt,
-            )
-            .await
+            call::drive(to, &mut source, &mut sink, joblog, how, progress, interrupt).await
         }
         None => {
             let mut sink = JsonlSink::new(results, opts.ordered);
-            call::drive(
-                client,
-                &mut source,
-                &mut sink,
-                joblog,
-                how,
-                progress,
-                interrupt,
-            )
-            .await
+            call::drive(to, &mut source, &mut sink, joblog, how, progress, interrupt).await
         }
     }
 }

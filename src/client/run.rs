@@ -8,15 +8,14 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::FramedRead;
-use tonic::transport::Channel;
 
 use super::call::{self, BadInput, BadKind, CallOptions, Fed, Origin, Pull, Room, Source};
+use super::endpoints::Endpoints;
 use super::jobline::{self, LineDefaults};
 use super::jsonl::JsonlSink;
 use super::lines::{Line, LineDecoder};
 use super::progress::Progress;
 use super::{ClientError, Summary, Token, TraceHeaders};
-use crate::proto::batch_service_client::BatchServiceClient;
 
 /// Longest input line read; longer lines are reported and skipped.
 pub const MAX_LINE: usize = 64 * 1024 * 1024;
@@ -52,6 +51,13 @@ pub struct RunOptions {
     pub trace: Option<TraceHeaders>,
     /// Credentials for a daemon with principals.
     pub token: Option<Token>,
+    /// With every replica lost, how long to keep trying them before giving up.
+    pub reconnect_timeout: Duration,
+    /// How often `dns:///` names are resolved again.
+    pub resolve_every: Duration,
+    /// HTTP/2 keepalive pings on each replica's connection (a silent replica is lost after twice
+    /// this).
+    pub keepalive: Duration,
 }
 
 impl Default for RunOptions {
@@ -79,6 +85,9 @@ impl RunOptions {
             skip: HashSet::new(),
             trace: call.trace,
             token: call.token,
+            reconnect_timeout: call.reconnect_timeout,
+            resolve_every: call.resolve_every,
+            keepalive: call.keepalive,
         }
     }
 
@@ -95,15 +104,19 @@ impl RunOptions {
             deadline: self.deadline,
             trace: self.trace.clone(),
             token: self.token.clone(),
+            reconnect_timeout: self.reconnect_timeout,
+            resolve_every: self.resolve_every,
+            keepalive: self.keepalive,
         }
     }
 }
 
-/// Runs every job of `input` over one Process call, writing results to `output` and, if given, the
-/// job log. Returns when the input is done and every result is written, when `interrupt` completes
-/// (the call is cancelled: the daemon stops all of its jobs), or on the first error.
+/// Runs every job of `input` on the replicas of `to` (one Process call each; see
+/// [`call::drive`]), writing results to `output` and, if given, the job log. Returns when the
+/// input is done and every result is written, when `interrupt` completes (the calls are
+/// cancelled: the daemons stop all of their jobs), or on the first error.
 pub async fn run<R, W, L>(
-    client: &mut BatchServiceClient<Channel>,
+    to: impl Into<Endpoints>,
     input: R,
     output: W,
     joblog: Option<L>,
@@ -120,7 +133,7 @@ where
     let mut sink = JsonlSink::new(output, opts.ordered);
     let how = opts.call();
     call::drive(
-        client,
+        to,
         &mut source,
         &mut sink,
         joblog,

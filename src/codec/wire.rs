@@ -72,6 +72,17 @@ pub struct CancelJobs {
 pub struct ProcessResponse {
     /// Results of finished jobs.
     pub results: Vec<JobResult>,
+    /// Jobs a draining daemon gives back without a result; `None` unless the call asked for it.
+    pub given_back: Option<GivenBack>,
+}
+
+/// `batchd.v1.GivenBack`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GivenBack {
+    /// Ids of jobs that were never started.
+    pub not_started: Vec<String>,
+    /// Ids of jobs stopped unfinished when the shutdown grace period ran out.
+    pub stopped: Vec<String>,
 }
 
 /// `batchd.v1.JobResult`.
@@ -392,6 +403,9 @@ impl Message for CancelJobs {
 impl Message for ProcessResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         encoding::message::encode_repeated(1, &self.results, buf);
+        if let Some(g) = &self.given_back {
+            encoding::message::encode(2, g, buf);
+        }
     }
 
     fn merge_field(
@@ -401,19 +415,63 @@ impl Message for ProcessResponse {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
+        const NAME: &str = "ProcessResponse";
         match tag {
             1 => encoding::message::merge_repeated(wire_type, &mut self.results, buf, ctx)
-                .map_err(within("ProcessResponse", "results")),
+                .map_err(within(NAME, "results")),
+            2 => {
+                let g = self.given_back.get_or_insert_with(Default::default);
+                encoding::message::merge(wire_type, g, buf, ctx).map_err(within(NAME, "given_back"))
+            }
             _ => skip_field(wire_type, tag, buf, ctx),
         }
     }
 
     fn encoded_len(&self) -> usize {
         encoding::message::encoded_len_repeated(1, &self.results)
+            + self
+                .given_back
+                .as_ref()
+                .map_or(0, |g| encoding::message::encoded_len(2, g))
     }
 
     fn clear(&mut self) {
         self.results.clear();
+        self.given_back = None;
+    }
+}
+
+impl Message for GivenBack {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        encoding::string::encode_repeated(1, &self.not_started, buf);
+        encoding::string::encode_repeated(2, &self.stopped, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        const NAME: &str = "GivenBack";
+        match tag {
+            1 => encoding::string::merge_repeated(wire_type, &mut self.not_started, buf, ctx)
+                .map_err(within(NAME, "not_started")),
+            2 => encoding::string::merge_repeated(wire_type, &mut self.stopped, buf, ctx)
+                .map_err(within(NAME, "stopped")),
+            _ => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        encoding::string::encoded_len_repeated(1, &self.not_started)
+            + encoding::string::encoded_len_repeated(2, &self.stopped)
+    }
+
+    fn clear(&mut self) {
+        self.not_started.clear();
+        self.stopped.clear();
     }
 }
 

@@ -466,3 +466,15 @@ fn principals_come_from_the_file_only_and_memory_budget_has_a_floor() {
     let msg = set_err(&["memory_budget=1KiB"]);
     assert_eq!(msg, "invalid config: memory_budget: must be at least 64KiB");
 }
+
+#[test]
+fn a_toml_text_loads_as_a_file_does() {
+    let text = "workers = 3\n[[exec]]\nname = \"t\"\ncommand = [\"true\"]\n";
+    let from_file = load_file(text).unwrap();
+    assert_eq!(Config::from_toml(text).unwrap(), from_file);
+    assert_eq!(from_file.workers, 3);
+    let e = Config::from_toml("workers = 0").unwrap_err().to_string();
+    assert!(e.contains("workers"), "{e}");
+    let e = Config::from_toml("workers = [").unwrap_err().to_string();
+    assert!(e.contains("config text"), "{e}");
+}

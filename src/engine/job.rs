@@ -90,3 +90,58 @@ impl JobResult {
         64 + self.job_id.len() + self.batch_id.len() + self.output.len() + self.error.len()
     }
 }
+
+/// One message of a call's response stream: results that were ready together, and the jobs a
+/// draining daemon gives back (only to calls that asked, see [`crate::engine::Call::giving_back`]).
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    /// Results of finished jobs, in order of completion.
+    pub results: Vec<JobResult>,
+    /// Jobs handed back without a result.
+    pub given_back: GivenBack,
+}
+
+/// Jobs of a call handed back at shutdown, so that the client can run them elsewhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GivenBack {
+    /// Never started.
+    pub not_started: Vec<String>,
+    /// Stopped unfinished when the shutdown grace ran out.
+    pub stopped: Vec<String>,
+}
+
+impl GivenBack {
+    /// Whether no job is listed.
+    pub fn is_empty(&self) -> bool {
+        self.not_started.is_empty() && self.stopped.is_empty()
+    }
+
+    /// Takes ids from the front whose lengths add up to about `max_bytes` (at least one), so that
+    /// one message stays under the response limit whatever the ids.
+    pub(crate) fn take_up_to(&mut self, max_bytes: usize) -> Self {
+        let mut size = 0;
+        let mut cut = |ids: &mut Vec<String>| {
+            let n = ids
+                .iter()
+                .take_while(|id| {
+                    let fits = size == 0 || size + id.len() + 8 <= max_bytes;
+                    if fits {
+                        size += id.len() + 8;
+                    }
+                    fits
+                })
+                .count();
+            if n == ids.len() {
+                std::mem::take(ids)
+            } else {
+                ids.drain(..n).collect()
+            }
+        };
+        let not_started = cut(&mut self.not_started);
+        let stopped = cut(&mut self.stopped);
+        Self {
+            not_started,
+            stopped,
+        }
+    }
+}

@@ -19,7 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::budget::Wait;
-use super::job::{Command, JobRequest, JobResult, Outcome};
+use super::job::{Command, GivenBack, JobRequest, JobResult, Outcome, Reply};
 use super::metrics::{EndReason, GaugeDeltas, LocalHistogram};
 use super::outbox::Sender;
 use super::principal::{CallSlot, Principal};
@@ -42,8 +42,9 @@ const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// milliseconds while small calls wait behind it.
 const ADMIT_PER_TURN: usize = 512;
 
-/// What the session hands to the response stream: results, or the status that ends the call.
-pub(super) type Outgoing = Result<Vec<JobResult>, Error>;
+/// What the session hands to the response stream: results (and jobs given back), or the status
+/// that ends the call.
+pub(super) type Outgoing = Result<Reply, Error>;
 
 /// Unfinished jobs by id; foldhash is several times faster than SipHash and still seeded per process.
 type Jobs = HashMap<Text, Slot, foldhash::fast::RandomState>;
@@ -75,6 +76,10 @@ pub(super) struct Session<S> {
     running: FuturesUnordered<RunningJob>,
     /// Results waiting for the transport.
     ready: VecDeque<JobResult>,
+    /// At drain, hand back the jobs not started (the client asked: it can send them elsewhere).
+    give_back: bool,
+    /// Jobs handed back and not sent yet.
+    given_back: GivenBack,
     out: Sender<Outgoing>,
     deadline: Option<Instant>,
     lane: Lane,
@@ -131,7 +136,7 @@ struct Slot {
 /// A known handler as a call may use it: its row, whether the call's principal may use it, and
 /// its timeouts.
 #[derive(Debug, Clone, Copy)]
-struct HandlerPick {
+pub(in crate::engine) struct HandlerPick {
     row: usize,
     allowed: bool,
     /// The timeout of a job that sets none, and the longest one may ask for.
@@ -147,6 +152,7 @@ pub(super) struct CallParts {
     pub(super) slot: CallSlot,
     pub(super) trace: SessionTrace,
     pub(super) dropped_at: Arc<OnceLock<Instant>>,
+    pub(super) give_back: bool,
 }
 
 /// How the call ends.
@@ -177,6 +183,7 @@ where
             slot,
             trace,
             dropped_at,
+            give_back,
         } = call;
         engine.metrics.call_opened();
         let lane = engine.scheduler.lane(principal.group());
@@ -197,6 +204,8 @@ where
             budget_wait: None,
             running: FuturesUnordered::new(),
             ready: VecDeque::new(),
+            give_back,
+            given_back: GivenBack::default(),
             out,
             deadline,
             lane,
@@ -290,10 +299,15 @@ where
                 && self.pending.is_none()
                 && self.jobs.is_empty()
                 && self.ready.is_empty()
+                && self.given_back.is_empty()
             {
                 if !self.half_closed {
                     // Shutdown: a client that half-closed meanwhile still gets its OK.
                     self.take_sent();
+                    if !self.given_back.is_empty() {
+                        // What it sent meanwhile is handed back before the status.
+                        continue;
+                    }
                 }
                 return if self.half_closed {
                     End::Ok
@@ -321,10 +335,13 @@ where
                 _ = &mut draining, if self.reading => {
                     self.reading = false;
                     self.take_sent();
+                    if self.give_back {
+                        self.give_back_unstarted();
+                    }
                 }
                 Some(done) = self.running.next(), if !self.running.is_empty() => self.finished_all(done),
                 n = poll_fn(|cx| self.lane.poll_take(cx)), if !self.queue.is_empty() => self.start(n),
-                ready = poll_fn(|cx| self.out.poll_ready(cx)), if !self.ready.is_empty() => match ready {
+                ready = poll_fn(|cx| self.out.poll_ready(cx)), if self.has_ready() => match ready {
                     Ok(()) => {
                         let results = self.take_ready();
                         self.out.send(Ok(results));
@@ -478,6 +495,11 @@ where
 }
 
 impl<S> Session<S> {
+    /// Whether something waits for the transport: results, or jobs given back.
+    fn has_ready(&self) -> bool {
+        !self.ready.is_empty() || !self.given_back.is_empty()
+    }
+
     /// Counts a finished job, ends its span and queues its result.
     fn push_ready(
         &mut self,
@@ -495,8 +517,27 @@ impl<S> Session<S> {
         self.ready.push_back(result);
     }
 
-    /// The results that fit in one response (at least one).
-    fn take_ready(&mut self) -> Vec<JobResult> {
+    /// The results that fit in one response (at least one, unless only jobs given back wait), with
+    /// the jobs given back that fit beside them.
+    fn take_ready(&mut self) -> Reply {
+        let results = self.take_results();
+        let room =
+            MAX_RESPONSE_BYTES.saturating_sub(results.iter().map(JobResult::wire_size).sum());
+        let given_back = match self.given_back.is_empty() {
+            true => GivenBack::default(),
+            false => self.given_back.take_up_to(room.max(1)),
+        };
+        Reply {
+            results,
+            given_back,
+        }
+    }
+
+    /// The results that fit in one response (at least one when any waits).
+    fn take_results(&mut self) -> Vec<JobResult> {
+        if self.ready.is_empty() {
+            return Vec::new();
+        }
         let mut size = 0;
         let mut n = 0;
         for r in &self.ready {

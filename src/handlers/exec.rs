@@ -33,13 +33,12 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 pub use reaper::{figures, groups_alive, Figures, Reaper};
-pub use spec::{validate, ExecSpec, IsolationSetting, SpecError, MAX_KILL_GRACE};
+pub use spec::{validate, ExecSpec, IsolationSetting, SpecError, Template, MAX_KILL_GRACE};
 
-use super::{quote, Handler, HandlerError, JobContext, JobInput, Params, Registry};
+use super::{Handler, HandlerError, JobContext, JobInput, Params, Registry};
 use cgroup::{Cgroups, Controllers, Limits};
 use child::{Start, Tree};
 use pipes::Pipes;
-use spec::{Arg, Rule};
 
 /// How a job's processes are held together, so that stopping the job stops them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +53,8 @@ pub enum Isolation {
 pub struct Exec {
     name: String,
     description: String,
-    argv: Vec<Arg>,
-    rules: BTreeMap<String, Rule>,
+    /// The command line and the param rules.
+    template: Template,
     timeout: Duration,
     max_output: usize,
     kill_grace: Duration,
@@ -190,7 +189,7 @@ impl Exec {
     ///
     /// Fails on an invalid spec, and on isolation or limits this system cannot give.
     pub fn new(spec: &ExecSpec, reaper: &Reaper) -> Result<Self, SpecError> {
-        let compiled = spec.compile()?;
+        let template = spec.compile()?;
         let isolation = choose_isolation(spec)?;
         let vars = environment(std::env::var_os("PATH"), &spec.env);
         let search_path = vars
@@ -217,8 +216,7 @@ impl Exec {
         Ok(Self {
             name: spec.name.clone(),
             description: spec.describe(),
-            argv: compiled.argv,
-            rules: compiled.rules,
+            template,
             timeout: spec.timeout,
             max_output: spec.max_output.as_usize(),
             kill_grace: spec.kill_grace,
@@ -233,58 +231,6 @@ impl Exec {
                 pids_max: spec.pids_max,
             },
         })
-    }
-
-    /// Why `params` cannot run this command: an unknown or missing param, or a value its rule refuses.
-    fn check_params(&self, params: &Params) -> Result<(), String> {
-        if let Some(unknown) = params.keys().filter(|k| !self.rules.contains_key(*k)).min() {
-            let takes = if self.rules.is_empty() {
-                "none".to_owned()
-            } else {
-                let names: Vec<&str> = self.rules.keys().map(String::as_str).collect();
-                names.join(", ")
-            };
-            return Err(format!(
-                "unknown param {} (this handler takes {takes})",
-                quote(unknown)
-            ));
-        }
-        for (name, rule) in &self.rules {
-            let Some(value) = params.get(name) else {
-                return Err(format!("missing param {name:?}"));
-            };
-            if value.contains('\0') || !rule.regex.is_match(value) {
-                return Err(format!(
-                    "param {name:?}: {} does not match {:?}",
-                    quote(value),
-                    rule.source
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The program, as configured.
-    fn program(&self) -> &str {
-        match self.argv.first() {
-            Some(Arg::Literal(p)) => p,
-            _ => "",
-        }
-    }
-
-    /// The command line with `params` (already checked) in place of the placeholders.
-    fn command(&self, params: &Params) -> Result<Vec<CString>, HandlerError> {
-        self.argv
-            .iter()
-            .map(|arg| {
-                let arg = match arg {
-                    Arg::Literal(s) => s.as_str(),
-                    Arg::Param(p) => params.get(p).map_or("", String::as_str),
-                };
-                CString::new(arg)
-                    .map_err(|_| HandlerError("an argument contains a NUL byte".into()))
-            })
-            .collect()
     }
 
     /// Where the job's command starts: its cgroups and limits, or `None` for a process group only.
@@ -303,7 +249,7 @@ impl Handler for Exec {
     }
 
     fn check(&self, params: &Params) -> Result<(), String> {
-        self.check_params(params)
+        self.template.check(params)
     }
 
     fn timeout(&self) -> Option<Duration> {
@@ -311,7 +257,7 @@ impl Handler for Exec {
     }
 
     async fn run(self: Arc<Self>, input: JobInput, ctx: JobContext) -> Result<Bytes, HandlerError> {
-        self.check_params(&input.params).map_err(HandlerError)?;
+        self.template.check(&input.params).map_err(HandlerError)?;
         // Waiting for the handler's own cap stays cancellable: the job's future is simply dropped.
         let _permit = match &self.permits {
             Some(permits) => Some(
@@ -322,7 +268,7 @@ impl Handler for Exec {
             ),
             None => None,
         };
-        let argv = self.command(&input.params)?;
+        let argv = self.template.argv(&input.params)?;
         let start = Start {
             argv: &argv,
             env: &self.env,
@@ -331,12 +277,13 @@ impl Handler for Exec {
             stdin: !input.payload.is_empty(),
             cgroup: self.cgroup(),
         };
-        let (tree, pipes) = Tree::spawn(&start, self.kill_grace, &self.reaper)
-            .map_err(|e| HandlerError(format!("cannot start {:?}: {e}", self.program())))?;
+        let (tree, pipes) = Tree::spawn(&start, self.kill_grace, &self.reaper).map_err(|e| {
+            HandlerError(format!("cannot start {:?}: {e}", self.template.program()))
+        })?;
         drop(argv);
         let pid = tree.pgid().as_raw_pid();
         tracing::trace!(handler = %self.name, pid, "started");
-        record_start(ctx.span(), self.program(), pid);
+        record_start(ctx.span(), self.template.program(), pid);
         let exchange = exchange(
             tree,
             pipes,

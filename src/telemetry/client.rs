@@ -197,7 +197,8 @@ impl RunTrace {
         self.span.as_ref().is_some_and(|s| s.is_recording())
     }
 
-    /// Records the run's counts: jobs sent and done, results by outcome, bad lines, retries, skips.
+    /// Records the run's counts: jobs sent and done, results by outcome, bad lines, retries, skips,
+    /// resubmissions and replicas.
     pub fn record(&mut self, summary: &Summary) {
         let Some(span) = self.span.as_mut().filter(|s| s.is_recording()) else {
             return;
@@ -212,6 +213,18 @@ impl RunTrace {
         span.set_attribute(KeyValue::new("batchctl.bad_lines", int(summary.bad_lines)));
         span.set_attribute(KeyValue::new("batchctl.retried", int(summary.retried)));
         span.set_attribute(KeyValue::new("batchctl.skipped", int(summary.skipped)));
+        // Failover: jobs sent again after their replica was lost, second results dropped, and
+        // the replicas (live when last counted, known, losses).
+        let failover = [
+            ("batchctl.resubmitted", summary.resubmitted),
+            ("batchctl.duplicates_dropped", summary.duplicates_dropped),
+            ("batchctl.replicas.live", summary.replicas_live),
+            ("batchctl.replicas.known", summary.replicas_known),
+            ("batchctl.replicas.lost", summary.replicas_lost),
+        ];
+        for (key, n) in failover {
+            span.set_attribute(KeyValue::new(key, int(n)));
+        }
     }
 
     /// Ends the span: `batchctl.end` (`completed`, `cancelled`, `error` with an error status) and

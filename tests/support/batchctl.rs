@@ -117,6 +117,11 @@ impl Ctl {
         self.child.id()
     }
 
+    /// Its stdin, when the command set it piped and [`Ctl::start`] was given nothing to write.
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
     /// Whether batchctl has not exited yet.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

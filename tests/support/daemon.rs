@@ -87,6 +87,43 @@ impl Daemon {
         Self::serving_with(args, &[]).await
     }
 
+    /// Starts `batchd --listen LISTEN args…` (e.g. `[::1]:7000`) and waits until it serves, or
+    /// returns `None` if it exits first (its address is taken).
+    pub async fn try_serving_on(listen: &str, args: &[&str]) -> Option<Self> {
+        let mut all = vec!["--listen", listen];
+        all.extend_from_slice(args);
+        let mut daemon = Self::spawn(&all, &[]);
+        let stderr = Arc::clone(&daemon.stderr);
+        let child = &mut daemon.child;
+        let found = tokio::time::timeout(
+            LIVENESS,
+            wait_until("batchd serves or exits", LIVENESS * 2, || {
+                serving_addr(&String::from_utf8_lossy(&stderr.lock().unwrap())).is_some()
+                    || child.try_wait().unwrap().is_some()
+            }),
+        )
+        .await;
+        let addr = serving_addr(&daemon.stderr())?;
+        (found.is_ok() && daemon.running()).then(|| {
+            daemon.url = format!("http://{addr}");
+            daemon
+        })
+    }
+
+    /// The address of its admin listener (`/metrics`), from its log.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        let log = self.stderr();
+        let line = log
+            .lines()
+            .find(|l| l.contains("admin listener"))
+            .unwrap_or_else(|| panic!("no admin listener line in\n{log}"));
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        addr.parse().unwrap()
+    }
+
     /// [`Daemon::serving`] with `env` set.
     pub async fn serving_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut all = vec!["--listen", "127.0.0.1:0"];

@@ -3,6 +3,7 @@
 
 pub mod batchctl;
 pub mod daemon;
+pub mod failover;
 pub mod jobs;
 pub mod map;
 pub mod otlp;
@@ -11,6 +12,7 @@ pub mod procs;
 pub mod proxy;
 pub mod recovery;
 pub mod scrape;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -144,11 +144,11 @@ fn batches_are_cut_to_the_budget_and_a_job_too_big_alone_is_a_bad_input() {
     );
     assert_eq!(call.summary.too_large, 1, "and the file");
     let batches: Vec<proto::JobBatch> = call
-        .outgoing
+        .batches
         .iter()
-        .map(|(req, _)| match &req.kind {
-            Some(Kind::Batch(b)) => b.clone(),
-            other => panic!("{other:?}"),
+        .map(|b| proto::JobBatch {
+            batch_id: b.batch_id.clone(),
+            jobs: b.jobs.clone(),
         })
         .collect();
     for (i, b) in batches.iter().enumerate() {

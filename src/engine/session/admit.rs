@@ -8,8 +8,10 @@ use futures_util::Stream;
 use super::{HandlerPick, Queued, Session, Slot};
 use crate::codec::Text;
 use crate::engine::job::{Command, JobRequest, JobResult, Outcome};
+use crate::engine::principal::Principal;
 use crate::engine::running::RunningJob;
 use crate::engine::trace::{self, JobSpan};
+use crate::engine::Inner;
 use crate::error::Error;
 use crate::handlers::quote;
 
@@ -176,77 +178,25 @@ where
     /// The handler named `name` as this call may use it, or `None` if there is no such handler.
     /// Jobs of the handler of the job before take it from there, without a lookup.
     fn pick(&mut self, name: &Text) -> Option<HandlerPick> {
-        let handlers = &self.engine.handlers;
         if let Some(last) = self.last_handler {
-            if handlers
+            if self
+                .engine
+                .handlers
                 .get(last.row)
                 .is_some_and(|(n, _)| **n == *name.as_bytes())
             {
                 return Some(last);
             }
         }
-        let row = handlers.row(name.as_bytes())?;
-        let (_, handler) = handlers.get(row)?;
-        let limits = &self.engine.limits;
-        let pick = HandlerPick {
-            row,
-            allowed: self.principal.may_use(name.as_str()),
-            default_timeout: handler.timeout().unwrap_or(limits.default_job_timeout),
-            max_timeout: handler
-                .timeout()
-                .unwrap_or(limits.max_job_timeout)
-                .min(limits.max_job_timeout),
-        };
+        let pick = self.engine.pick(&self.principal, name)?;
         self.last_handler = Some(pick);
         Some(pick)
     }
 
     /// Why the job cannot be admitted, or its handler's metrics row and the job's timeout.
     fn check(&mut self, job: &JobRequest) -> Result<(usize, Duration), String> {
-        if job.id.is_empty() {
-            return Err("job id is empty".into());
-        }
         let pick = self.pick(&job.handler);
-        // Before the handler's existence: a principal learns nothing of handlers it may not use.
-        if !pick.map_or_else(
-            || self.principal.may_use(job.handler.as_str()),
-            |p| p.allowed,
-        ) {
-            return Err(format!(
-                "handler {} is not allowed for principal {:?} (ListHandlers names the allowed ones)",
-                quote(job.handler.as_str()),
-                self.principal.name()
-            ));
-        }
-        let Some(pick) = pick else {
-            return Err(format!(
-                "unknown handler {} (ListHandlers names the known ones)",
-                quote(job.handler.as_str())
-            ));
-        };
-        let limits = &self.engine.limits;
-        if job.payload.len() > limits.max_payload {
-            return Err(format!(
-                "payload of {} bytes is over max_payload ({} bytes)",
-                job.payload.len(),
-                limits.max_payload
-            ));
-        }
-        let timeout = match job.timeout {
-            None => pick.default_timeout,
-            Some(t) if t.is_zero() => return Err("timeout must be positive".into()),
-            Some(t) => t,
-        };
-        let timeout = timeout.min(pick.max_timeout);
-        if let Some((_, handler)) = self.engine.handlers.get(pick.row) {
-            handler.check(&job.params).map_err(|e| {
-                format!(
-                    "bad params for handler {}: {e}",
-                    quote(job.handler.as_str())
-                )
-            })?;
-        }
-        Ok((pick.row, timeout))
+        self.engine.check(&self.principal, job, pick)
     }
 
     /// Cancels one unfinished job of `batch_id`: a queued one ends now. Returns whether the job is
@@ -285,5 +235,78 @@ where
         };
         self.push_ready(result, slot.handler_row, slot.span, Some("CancelJobs"));
         false
+    }
+}
+
+// The checks live on the engine, so that `Engine::check_job` runs the same code without a session.
+impl Inner {
+    /// The handler named `name` as `principal` may use it, or `None` if there is no such handler.
+    pub(in crate::engine) fn pick(
+        &self,
+        principal: &Principal,
+        name: &Text,
+    ) -> Option<HandlerPick> {
+        let row = self.handlers.row(name.as_bytes())?;
+        let (_, handler) = self.handlers.get(row)?;
+        let limits = &self.limits;
+        Some(HandlerPick {
+            row,
+            allowed: principal.may_use(name.as_str()),
+            default_timeout: handler.timeout().unwrap_or(limits.default_job_timeout),
+            max_timeout: handler
+                .timeout()
+                .unwrap_or(limits.max_job_timeout)
+                .min(limits.max_job_timeout),
+        })
+    }
+
+    /// Why the job cannot be admitted, or its handler's metrics row and the job's timeout. `pick`
+    /// is [`Inner::pick`] of the job's handler (a session passes the one it keeps).
+    pub(in crate::engine) fn check(
+        &self,
+        principal: &Principal,
+        job: &JobRequest,
+        pick: Option<HandlerPick>,
+    ) -> Result<(usize, Duration), String> {
+        if job.id.is_empty() {
+            return Err("job id is empty".into());
+        }
+        // Before the handler's existence: a principal learns nothing of handlers it may not use.
+        if !pick.map_or_else(|| principal.may_use(job.handler.as_str()), |p| p.allowed) {
+            return Err(format!(
+                "handler {} is not allowed for principal {:?} (ListHandlers names the allowed ones)",
+                quote(job.handler.as_str()),
+                principal.name()
+            ));
+        }
+        let Some(pick) = pick else {
+            return Err(format!(
+                "unknown handler {} (ListHandlers names the known ones)",
+                quote(job.handler.as_str())
+            ));
+        };
+        let limits = &self.limits;
+        if job.payload.len() > limits.max_payload {
+            return Err(format!(
+                "payload of {} bytes is over max_payload ({} bytes)",
+                job.payload.len(),
+                limits.max_payload
+            ));
+        }
+        let timeout = match job.timeout {
+            None => pick.default_timeout,
+            Some(t) if t.is_zero() => return Err("timeout must be positive".into()),
+            Some(t) => t,
+        };
+        let timeout = timeout.min(pick.max_timeout);
+        if let Some((_, handler)) = self.handlers.get(pick.row) {
+            handler.check(&job.params).map_err(|e| {
+                format!(
+                    "bad params for handler {}: {e}",
+                    quote(job.handler.as_str())
+                )
+            })?;
+        }
+        Ok((pick.row, timeout))
     }
 }

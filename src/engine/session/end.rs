@@ -1,4 +1,8 @@
 //! How a call's session ends: shutdown cuts it, or its jobs are dropped at once with it.
+//!
+//! A call that asked for it (`batchd-drain: give-back`) gets its unstarted jobs back at drain, and
+//! its running ones as stopped when the grace runs out, instead of having them run or cancelled:
+//! its client sends them to another replica.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,6 +11,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 
 use super::{End, Session, FINAL_FLUSH};
+use crate::codec::Text;
 use crate::engine::job::{Command, JobResult, Outcome};
 use crate::engine::metrics::EndReason;
 use crate::error::Error;
@@ -17,7 +22,8 @@ where
 {
     /// Once shutdown began: takes what the client already sent, without waiting. A half-close is
     /// noted, so the call can still end OK; cancels apply; batches are not run (the call's
-    /// UNAVAILABLE status tells the client that jobs without a result were not run).
+    /// UNAVAILABLE status tells the client that jobs without a result were not run; a call that
+    /// asked gets their ids back).
     pub(super) fn take_sent(&mut self) {
         while let Some(item) = self.inbound.next().now_or_never() {
             match item {
@@ -28,9 +34,52 @@ where
                 Some(Ok(cmd @ Command::Cancel { .. })) => {
                     let _ = self.command(cmd);
                 }
-                Some(Ok(Command::Submit { .. })) => {}
+                Some(Ok(Command::Submit { jobs, .. })) => {
+                    if self.give_back {
+                        let ids = jobs.into_iter().map(|j| j.id.as_str().to_owned());
+                        self.given_back.not_started.extend(ids);
+                    }
+                }
                 Some(Err(_)) => return,
             }
+        }
+    }
+
+    /// At drain, for a call that asked: hands back every job not started (the rest of a batch not
+    /// admitted yet, and the queued jobs); the running ones finish.
+    pub(super) fn give_back_unstarted(&mut self) {
+        if let Some((_, rest, _)) = self.pending.take() {
+            let ids = rest.map(|j| j.id.as_str().to_owned());
+            self.given_back.not_started.extend(ids);
+            self.pending_bytes = 0;
+        }
+        let queued: Vec<Text> = self
+            .jobs
+            .iter()
+            .filter(|(_, slot)| slot.running.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if queued.is_empty() {
+            return;
+        }
+        // Their queue entries stay, stale, as after CancelJobs: a slot already granted for one
+        // is taken and given back by `start`, never left hanging.
+        self.lane.unwant(queued.len());
+        self.stale += queued.len();
+        let engine = Arc::clone(&self.engine);
+        for id in queued {
+            let Some((id, slot)) = self.jobs.remove_entry(&id) else {
+                continue;
+            };
+            self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
+            self.gauges.queued(slot.handler_row, -1);
+            engine
+                .metrics
+                .finished(slot.handler_row, Outcome::Cancelled, 1);
+            self.count(slot.handler_row, Outcome::Cancelled, 1);
+            slot.span
+                .cancelled("given back at shutdown", slot.admitted, None);
+            self.given_back.not_started.push(id.as_str().to_owned());
         }
     }
 }
@@ -58,7 +107,21 @@ impl<S> Session<S> {
         let now = Instant::now();
         let from = self.engine.cancelled_at.get().copied().unwrap_or(now);
         self.observe_cancel(!self.jobs.is_empty(), EndReason::Shutdown, from);
-        for (id, slot) in std::mem::take(&mut self.jobs) {
+        if self.give_back {
+            // Handed back rather than CANCELLED: the client runs them elsewhere. `stop_all`
+            // below counts them and ends their spans.
+            for (id, slot) in &self.jobs {
+                match slot.running {
+                    Some(_) => self.given_back.stopped.push(id.as_str().to_owned()),
+                    None => self.given_back.not_started.push(id.as_str().to_owned()),
+                }
+            }
+        }
+        let cut = match self.give_back {
+            true => super::Jobs::default(),
+            false => std::mem::take(&mut self.jobs),
+        };
+        for (id, slot) in cut {
             self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
             let (queued, ran) = match slot.running {
                 Some(started) => {
@@ -83,7 +146,7 @@ impl<S> Session<S> {
         }
         self.stop_all("shutdown");
         let flush = async {
-            while !self.ready.is_empty() {
+            while self.has_ready() {
                 if self.out.ready().await.is_err() {
                     return;
                 }

@@ -1,13 +1,14 @@
 //! The `[[exec]]` table of one exec handler, and its validation into a runnable form.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::CString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::handlers::Registry;
+use crate::handlers::{quote, HandlerError, Params, Registry};
 use crate::units::{self, ByteSize};
 
 /// Longest `kill_grace`: shutdown waits about this long for the process groups of cancelled jobs.
@@ -104,9 +105,10 @@ pub(super) struct Rule {
     pub(super) regex: Regex,
 }
 
-/// A validated spec: the command line parsed into literals and placeholders, the rules compiled.
+/// A validated spec's command line and param rules: what checks a job's params and builds its
+/// argv (public so that fuzzing and tests reach the code the handler runs).
 #[derive(Debug, Clone)]
-pub(super) struct Compiled {
+pub struct Template {
     pub(super) argv: Vec<Arg>,
     pub(super) rules: BTreeMap<String, Rule>,
 }
@@ -203,7 +205,7 @@ impl ExecSpec {
     }
 
     /// Validates the spec on its own and compiles its command line and param rules.
-    pub(super) fn compile(&self) -> Result<Compiled, SpecError> {
+    pub fn compile(&self) -> Result<Template, SpecError> {
         let name_ok = self
             .name
             .chars()
@@ -235,9 +237,16 @@ impl ExecSpec {
                     "a param name is ASCII letters, digits and '_', not starting with a digit",
                 ));
             }
-            // \A and \z anchor the whole value whatever the rule's own anchors or flags are.
-            let regex = Regex::new(&format!(r"\A(?:{source})\z"))
-                .map_err(|e| self.error(&field, format!("bad regex {source:?}: {e}")))?;
+            // \A and \z anchor the whole value whatever the rule's own anchors or flags are. The
+            // rule must be a regex on its own first: `a)|(b` would close the group early and
+            // leave each anchor on one branch only.
+            let bad = |e: &dyn std::fmt::Display| {
+                self.error(&field, format!("bad regex {source:?}: {e}"))
+            };
+            regex_syntax::Parser::new()
+                .parse(source)
+                .map_err(|e| bad(&e))?;
+            let regex = Regex::new(&format!(r"\A(?:{source})\z")).map_err(|e| bad(&e))?;
             rules.insert(
                 param.clone(),
                 Rule {
@@ -310,7 +319,7 @@ impl ExecSpec {
                 "needs a cgroup per job, but isolation is \"process-group\"",
             ));
         }
-        Ok(Compiled { argv, rules })
+        Ok(Template { argv, rules })
     }
 
     fn parse_command(&self, rules: &BTreeMap<String, Rule>) -> Result<Vec<Arg>, SpecError> {
@@ -386,6 +395,63 @@ impl ExecSpec {
             "Runs `{}` with the payload on stdin; stdout is the output. {params}",
             self.command.join(" ")
         )
+    }
+}
+
+// === impl Template ===
+
+impl Template {
+    /// Why `params` cannot run this command: an unknown or missing param, or a value its rule refuses.
+    pub fn check(&self, params: &Params) -> Result<(), String> {
+        if let Some(unknown) = params.keys().filter(|k| !self.rules.contains_key(*k)).min() {
+            let takes = if self.rules.is_empty() {
+                "none".to_owned()
+            } else {
+                let names: Vec<&str> = self.rules.keys().map(String::as_str).collect();
+                names.join(", ")
+            };
+            return Err(format!(
+                "unknown param {} (this handler takes {takes})",
+                quote(unknown)
+            ));
+        }
+        for (name, rule) in &self.rules {
+            let Some(value) = params.get(name) else {
+                return Err(format!("missing param {name:?}"));
+            };
+            if value.contains('\0') || !rule.regex.is_match(value) {
+                return Err(format!(
+                    "param {name:?}: {} does not match {:?}",
+                    quote(value),
+                    rule.source
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The program, as configured.
+    pub fn program(&self) -> &str {
+        match self.argv.first() {
+            Some(Arg::Literal(p)) => p,
+            _ => "",
+        }
+    }
+
+    /// The command line with `params` (already checked) in place of the placeholders: one
+    /// argument per element of the spec's `command`, whatever the values hold.
+    pub fn argv(&self, params: &Params) -> Result<Vec<CString>, HandlerError> {
+        self.argv
+            .iter()
+            .map(|arg| {
+                let arg = match arg {
+                    Arg::Literal(s) => s.as_str(),
+                    Arg::Param(p) => params.get(p).map_or("", String::as_str),
+                };
+                CString::new(arg)
+                    .map_err(|_| HandlerError("an argument contains a NUL byte".into()))
+            })
+            .collect()
     }
 }
 

@@ -1,4 +1,5 @@
 use super::pipes::{read_capped, read_tail, Tail, STDERR_TAIL};
+use super::spec::Arg;
 use super::*;
 
 fn spec(command: &[&str], params: &[(&str, &str)]) -> ExecSpec {
@@ -71,6 +72,24 @@ fn errors_name_the_handler_and_the_field() {
     assert!(compile_error(&s).contains("name"));
     s.name = "ok-name.v2".into();
     assert!(s.compile().is_ok());
+}
+
+#[test]
+fn a_rule_cannot_escape_the_whole_value_anchors() {
+    // Found by fuzz/fuzz_targets/exec_template.rs: wrapped as `\A(?:rule)\z`, the rule
+    // `[0-9]+)|(.*` compiled into `\A(?:[0-9]+)|(.*)\z`, which matches every value.
+    for rule in ["[0-9]+)|(.*", "(?i))|(", "a)(?:b"] {
+        let s = spec(&["convert", "{size}"], &[("size", rule)]);
+        let msg = compile_error(&s);
+        assert!(msg.contains("params.size: bad regex"), "{rule}: {msg}");
+    }
+    let exec = Exec::new(
+        &spec(&["convert", "{size}"], &[("size", "[0-9]+|x")]),
+        &Reaper::new(),
+    )
+    .unwrap();
+    assert!(exec.check(&params(&[("size", "12")])).is_ok());
+    assert!(exec.check(&params(&[("size", "12; rm -rf /")])).is_err());
 }
 
 #[test]

@@ -1,13 +1,21 @@
-//! The protobuf codec of the generated gRPC code, with small per-call buffers.
+//! The protobuf codec of the generated gRPC code, with small per-call buffers, and the daemon's
+//! hand-written hot messages.
 //!
 //! tonic allocates its buffers eagerly for every call (8 KiB each by default). batchd serves
 //! thousands of mostly idle calls, so it starts small and lets a buffer grow with the message.
+//! [`wire`] holds the messages of `Process` and `RunBatch` as the daemon decodes and encodes them:
+//! ids and names are [`Text`]s, short ones inline (no allocation per job).
 
 use std::marker::PhantomData;
 
 use prost::Message;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
+
+mod text;
+pub mod wire;
+
+pub use text::{NotUtf8, Text};
 
 /// Initial size of a call's encode and decode buffers.
 pub const BUFFER_SIZE: usize = 512;

@@ -102,12 +102,24 @@ struct Inner {
     budget: Budget,
 }
 
-/// Handlers by name, each with its row in the metrics.
-struct HandlerRows(HashMap<String, (usize, Arc<dyn Handler>), foldhash::fast::RandomState>);
+/// A handler and the name jobs use for it.
+type NamedHandler = (Box<[u8]>, Arc<dyn Handler>);
+
+/// Handlers by name and by their row in the metrics (the order of the registry's names).
+struct HandlerRows {
+    /// Row by name, searched with a job's handler name as bytes.
+    rows: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
+    /// Name and handler by row.
+    handlers: Vec<NamedHandler>,
+}
 
 impl std::fmt::Debug for HandlerRows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
+        let names = self
+            .handlers
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n));
+        f.debug_set().entries(names).finish()
     }
 }
 
@@ -153,6 +165,34 @@ pub struct ResultStream {
     _cancel_on_drop: DropGuard,
 }
 
+// === impl HandlerRows ===
+
+impl HandlerRows {
+    /// The registry's handlers, in the order of its names (the metrics rows).
+    fn new(registry: &Registry) -> Self {
+        let handlers: Vec<NamedHandler> = registry
+            .iter()
+            .filter_map(|(n, _)| Some((Box::from(n.as_bytes()), Arc::clone(registry.get(n)?))))
+            .collect();
+        let rows = handlers
+            .iter()
+            .enumerate()
+            .map(|(row, (n, _))| (n.clone(), row))
+            .collect();
+        Self { rows, handlers }
+    }
+
+    /// The row of the handler named `name`.
+    fn row(&self, name: &[u8]) -> Option<usize> {
+        self.rows.get(name).copied()
+    }
+
+    /// The name and the handler of row `row`.
+    fn get(&self, row: usize) -> Option<&NamedHandler> {
+        self.handlers.get(row)
+    }
+}
+
 // === impl Limits ===
 
 impl From<&Config> for Limits {
@@ -189,13 +229,7 @@ impl Engine {
     /// [`Engine::set_principals`] puts principals in force.
     pub fn refusing(limits: Limits, registry: Registry) -> Self {
         let names: Vec<String> = registry.iter().map(|(n, _)| n.to_owned()).collect();
-        let handlers = HandlerRows(
-            names
-                .iter()
-                .enumerate()
-                .filter_map(|(i, n)| Some((n.clone(), (i, Arc::clone(registry.get(n)?)))))
-                .collect(),
-        );
+        let handlers = HandlerRows::new(&registry);
         Self {
             inner: Arc::new(Inner {
                 scheduler: Scheduler::new(limits.workers),
@@ -294,9 +328,10 @@ impl Engine {
     /// the timeout it would run with, or the message of its REJECTED result. Fuzzing and tests
     /// reach admission through it.
     pub fn check_job(&self, principal: &Principal, job: &JobRequest) -> Result<Duration, String> {
+        let pick = self.inner.pick(principal, &job.handler);
         self.inner
-            .check(principal, job)
-            .map(|(_, _, timeout)| timeout)
+            .check(principal, job, pick)
+            .map(|(_, timeout)| timeout)
     }
 
     /// The engine's live counters, gauges and histograms; exporters read them through

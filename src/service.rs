@@ -13,14 +13,14 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Credentials;
+use crate::codec::wire;
 use crate::engine::{Command, Engine, GivenBack, JobRequest, JobResult, Principal, ResultStream};
 use crate::error::Error;
-use crate::proto::{self, batch_service_server::BatchService, process_request::Kind};
+use crate::proto::{self, batch_service_server::BatchService};
 use crate::telemetry::session_trace;
 
 /// The stream of responses of one call.
-pub type ResponseStream =
-    Pin<Box<dyn Stream<Item = Result<proto::ProcessResponse, Status>> + Send>>;
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<wire::ProcessResponse, Status>> + Send>>;
 
 /// Serves `batchd.v1.BatchService` on top of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -112,7 +112,7 @@ impl BatchService for Service {
 
     async fn process(
         &self,
-        request: Request<Streaming<proto::ProcessRequest>>,
+        request: Request<Streaming<wire::ProcessRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let principal = self.principal(&request)?;
         let trace = session_trace("Process", request.metadata(), request.remote_addr());
@@ -128,7 +128,7 @@ impl BatchService for Service {
 
     async fn run_batch(
         &self,
-        request: Request<proto::JobBatch>,
+        request: Request<wire::JobBatch>,
     ) -> Result<Response<ResponseStream>, Status> {
         let principal = self.principal(&request)?;
         let trace = session_trace("RunBatch", request.metadata(), request.remote_addr());
@@ -160,7 +160,7 @@ impl BatchService for Service {
 
 fn respond(results: ResultStream) -> ResponseStream {
     Box::pin(results.map(|r| {
-        r.map(|reply| proto::ProcessResponse {
+        r.map(|reply| wire::ProcessResponse {
             results: reply.results.into_iter().map(to_proto).collect(),
             given_back: given_back(reply.given_back),
         })
@@ -176,11 +176,11 @@ fn gives_back(metadata: &MetadataMap) -> bool {
         .is_some_and(|v| v.as_bytes() == value.as_bytes())
 }
 
-fn given_back(g: GivenBack) -> Option<proto::GivenBack> {
+fn given_back(g: GivenBack) -> Option<wire::GivenBack> {
     if g.is_empty() {
         return None;
     }
-    Some(proto::GivenBack {
+    Some(wire::GivenBack {
         not_started: g.not_started,
         stopped: g.stopped,
     })
@@ -188,11 +188,11 @@ fn given_back(g: GivenBack) -> Option<proto::GivenBack> {
 
 /// What one `ProcessRequest` of a `Process` call asks of its session: a batch to admit or a
 /// cancel; a message with neither is INVALID_ARGUMENT. (Public for fuzzing: the conversion the
-/// service applies to every message it reads.)
-pub fn command(msg: proto::ProcessRequest) -> Result<Command, Error> {
+/// service applies to every message it reads, as the daemon decodes it.)
+pub fn command(msg: wire::ProcessRequest) -> Result<Command, Error> {
     match msg.kind {
-        Some(Kind::Batch(batch)) => Ok(submit(batch)),
-        Some(Kind::Cancel(c)) => Ok(Command::Cancel {
+        Some(wire::Kind::Batch(batch)) => Ok(submit(batch)),
+        Some(wire::Kind::Cancel(c)) => Ok(Command::Cancel {
             batch_id: c.batch_id,
             job_ids: c.job_ids,
         }),
@@ -202,9 +202,9 @@ pub fn command(msg: proto::ProcessRequest) -> Result<Command, Error> {
     }
 }
 
-fn submit(batch: proto::JobBatch) -> Command {
+fn submit(batch: wire::JobBatch) -> Command {
     Command::Submit {
-        batch_id: Arc::from(batch.batch_id),
+        batch_id: batch.batch_id,
         jobs: batch
             .jobs
             .into_iter()
@@ -222,12 +222,12 @@ fn submit(batch: proto::JobBatch) -> Command {
     }
 }
 
-fn to_proto(r: JobResult) -> proto::JobResult {
+fn to_proto(r: JobResult) -> wire::JobResult {
     let outcome = proto::Outcome::from(r.outcome);
     let duration = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
-    proto::JobResult {
+    wire::JobResult {
         job_id: r.job_id,
-        batch_id: r.batch_id.to_string(),
+        batch_id: r.batch_id,
         outcome: outcome as i32,
         output: r.output,
         error: r.error,

@@ -22,6 +22,8 @@ use crate::support::stats::ms;
 pub const CALLS: usize = 10_000;
 const CONNS: usize = 16;
 pub const CONCURRENCY: usize = 256;
+/// From the last call's end (and the connections' close) to the RSS reading.
+const IDLE_WAIT: Duration = Duration::from_millis(1500);
 /// Rounds of `CALLS`, unless `CHURN_ROUNDS` says otherwise.
 const ROUNDS: u64 = 2;
 
@@ -155,7 +157,7 @@ pub async fn run() {
     );
     let d = Daemon::spawn(&["--set", "max_calls=20000"]);
     let url = d.url();
-    let fresh = d.rss_kb();
+    let (fresh, fresh_anon) = (d.rss_kb(), d.rss_anon_kb());
     warm_up(&url).await;
     let (base, base_threads) = (d.rss_kb(), d.threads());
     let mut after = Vec::new();
@@ -167,7 +169,8 @@ pub async fn run() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let echo = fresh_echo(&clients[0]).await;
         drop(clients);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The daemon hands memory back 0.25-0.5 s after it goes idle (src/bin/batchd/hand_back.rs).
+        tokio::time::sleep(IDLE_WAIT).await;
         let rss = d.rss_kb();
         after.push(rss);
         figure(&format!("churn_round{round}_calls_refused"), refused);
@@ -185,6 +188,14 @@ pub async fn run() {
     figure(
         "churn_rss_delta_pct",
         format!("{:+.1}", pct(after[0], base)),
+    );
+    figure(
+        "churn_rss_after_vs_fresh_kib",
+        format!("{:+}", after[0] as i64 - fresh as i64),
+    );
+    figure(
+        "churn_rss_anon_after_vs_fresh_kib",
+        format!("{:+}", d.rss_anon_kb() as i64 - fresh_anon as i64),
     );
     figure(
         "churn_rss_delta_last_round_vs_round1_pct",

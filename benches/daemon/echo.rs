@@ -14,7 +14,7 @@ use crate::support::procfs::self_cpu_s;
 use crate::support::report::figure;
 
 /// Concurrent calls, jobs per batch, payload bytes, warm-up and measured time.
-const CALLS: usize = 4;
+pub const CALLS: usize = 4;
 const BATCH: usize = 100;
 const PAYLOAD: usize = 64;
 const WARMUP: Duration = Duration::from_secs(1);
@@ -23,9 +23,58 @@ const RUN: Duration = Duration::from_secs(5);
 /// server always has the next batch waiting while its window is full.
 const IN_FLIGHT: usize = 2 * 1024;
 
+/// What one echo run measured.
+pub struct EchoRun {
+    /// Results received in the measured time.
+    pub jobs: u64,
+    pub wall: Duration,
+    /// The daemon's CPU time in the measured time: from schedstat and from ticks.
+    pub server_cpu_s: f64,
+    pub server_tick_s: f64,
+    pub client_cpu_s: f64,
+    /// Results that were not OK, over the whole run.
+    pub not_ok: u64,
+    pub threads: u64,
+}
+
+impl EchoRun {
+    /// The figure of issues 2 and 15.
+    pub fn jobs_per_server_cpu_s(&self) -> f64 {
+        self.jobs as f64 / self.server_cpu_s
+    }
+}
+
 pub async fn run() {
     println!("\n== echo: {CALLS} calls, batches of {BATCH}, {PAYLOAD}-byte payloads ==");
     let d = Daemon::spawn(&[]);
+    let r = measure(&d).await;
+    let wall = r.wall.as_secs_f64();
+    figure("echo_jobs", r.jobs);
+    figure("echo_wall_s", format!("{wall:.2}"));
+    figure("echo_not_ok_results", r.not_ok);
+    figure(
+        "echo_throughput_jobs_per_s",
+        format!("{:.0}", r.jobs as f64 / wall),
+    );
+    figure("echo_server_cpu_s", format!("{:.3}", r.server_cpu_s));
+    figure(
+        "echo_server_cpu_s_from_ticks",
+        format!("{:.2}", r.server_tick_s),
+    );
+    figure(
+        "echo_server_cpu_utilisation_cores",
+        format!("{:.2}", r.server_cpu_s / wall),
+    );
+    figure(
+        "echo_jobs_per_server_cpu_s",
+        format!("{:.0}", r.jobs_per_server_cpu_s()),
+    );
+    figure("echo_client_cpu_s", format!("{:.2}", r.client_cpu_s));
+    figure("echo_server_threads", r.threads);
+}
+
+/// Runs the echo load against `d`: 1 s of warm-up, then 5 s measured.
+pub async fn measure(d: &Daemon) -> EchoRun {
     let url = d.url();
     let received = Arc::new(AtomicU64::new(0));
     let not_ok = Arc::new(AtomicU64::new(0));
@@ -95,28 +144,14 @@ pub async fn run() {
     for t in tasks {
         t.await.unwrap();
     }
-    let jobs = (jobs1 - jobs0) as f64;
-    let (server_s, server_tick_s) = cpu1.since(cpu0);
-    figure("echo_jobs", jobs1 - jobs0);
-    figure("echo_wall_s", format!("{:.2}", wall.as_secs_f64()));
-    figure("echo_not_ok_results", not_ok.load(Ordering::Relaxed));
-    figure(
-        "echo_throughput_jobs_per_s",
-        format!("{:.0}", jobs / wall.as_secs_f64()),
-    );
-    figure("echo_server_cpu_s", format!("{server_s:.3}"));
-    figure(
-        "echo_server_cpu_s_from_ticks",
-        format!("{server_tick_s:.2}"),
-    );
-    figure(
-        "echo_server_cpu_utilisation_cores",
-        format!("{:.2}", server_s / wall.as_secs_f64()),
-    );
-    figure(
-        "echo_jobs_per_server_cpu_s",
-        format!("{:.0}", jobs / server_s),
-    );
-    figure("echo_client_cpu_s", format!("{:.2}", client1 - client0));
-    figure("echo_server_threads", threads);
+    let (server_cpu_s, server_tick_s) = cpu1.since(cpu0);
+    EchoRun {
+        jobs: jobs1 - jobs0,
+        wall,
+        server_cpu_s,
+        server_tick_s,
+        client_cpu_s: client1 - client0,
+        not_ok: not_ok.load(Ordering::Relaxed),
+        threads,
+    }
 }

@@ -40,12 +40,25 @@ impl Daemon {
     pub fn spawn_with(args: &[&str], edit: impl FnOnce(&mut Command)) -> Self {
         let bin = std::env::var_os("BATCHD_BENCH_BIN")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_batchd").into());
+        Self::spawn_program(&bin, args, edit)
+    }
+
+    /// [`Daemon::spawn`] of the program `bin` (another build, for interleaved pairs).
+    pub fn spawn_bin(bin: &std::ffi::OsStr, args: &[&str]) -> Self {
+        Self::spawn_program(bin, args, |_| {})
+    }
+
+    fn spawn_program(
+        bin: &std::ffi::OsStr,
+        args: &[&str],
+        edit: impl FnOnce(&mut Command),
+    ) -> Self {
         let log = tempfile::Builder::new()
             .prefix("batchd-bench-")
             .suffix(".log")
             .tempfile()
             .expect("creating the daemon's log file");
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(bin);
         cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--set", LOG_FILTER, "--set", "shutdown_grace=1s"])
             .args(args)
@@ -105,6 +118,12 @@ impl Daemon {
     /// VmRSS in KiB.
     pub fn rss_kb(&self) -> u64 {
         procfs::status_field(self.pid(), "VmRSS")
+    }
+
+    /// RssAnon in KiB: the heap, stacks and other private memory (VmRSS less the mapped binary and
+    /// libraries, `RssFile`, and shared memory).
+    pub fn rss_anon_kb(&self) -> u64 {
+        procfs::status_field(self.pid(), "RssAnon")
     }
 
     /// VmHWM (peak RSS) in KiB.

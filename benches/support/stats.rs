@@ -22,6 +22,21 @@ pub fn percentile_rounded_index(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The samples that bound a 95 % confidence interval of the `p` percentile (in percent) of sorted
+/// samples, by order statistics (normal approximation of the binomial rank): two sets of samples
+/// whose intervals do not overlap have different percentiles.
+pub fn percentile_ci95(sorted: &[Duration], p: f64) -> (Duration, Duration) {
+    if sorted.is_empty() {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    let n = sorted.len() as f64;
+    let q = p / 100.0;
+    let half = 1.96 * (n * q * (1.0 - q)).sqrt();
+    let lo = (n * q - half).floor().max(1.0) as usize;
+    let hi = ((n * q + half).ceil() + 1.0).min(n) as usize;
+    (sorted[lo - 1], sorted[hi - 1])
+}
+
 /// p50, p99 and the largest sample, for [`crate::support::report::latency_ms`].
 pub const P50_P99_MAX: [(&str, f64); 3] = [("p50", 50.0), ("p99", 99.0), ("max", 100.0)];
 

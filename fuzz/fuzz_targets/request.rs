@@ -1,7 +1,7 @@
 //! The request path of a `Process` call, without a server: the bytes of a request body → gRPC
 //! framing with the daemon's codec and `max_message_size` (tonic's `Streaming`, as the generated
-//! server builds it) → `ProcessRequest` → `service::command` → the admission checks of the call's
-//! session (`Engine::check_job`) for its principal.
+//! server builds it) → the daemon's hand-written `codec::wire::ProcessRequest` → `service::command`
+//! → the admission checks of the call's session (`Engine::check_job`) for its principal.
 //!
 //! Input: a byte choosing the principal, a byte choosing how the body is cut into HTTP/2 DATA
 //! frames, then the body.
@@ -12,6 +12,8 @@
 //!   walk predicts: RESOURCE_EXHAUSTED for a message over `max_message_size` (as the daemon maps
 //!   it), INTERNAL for a compressed flag, a bad message or a truncated frame (except a body that
 //!   ends just after a header: tonic 0.14.9 ends that stream cleanly, see `walk`).
+//! - The daemon's hand-written decoding agrees with prost's generated code: a frame decodes with
+//!   both or with neither, and the daemon's message re-encoded is what prost decoded.
 //! - Each message survives an encode/decode round trip.
 //! - A message with neither a batch nor a cancel is INVALID_ARGUMENT; anything else a command.
 //! - Each job of a batch is admitted or rejected, never panics: admitted only with a non-empty id,
@@ -25,9 +27,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use batchd::codec::SmallBufferCodec;
+use batchd::codec::{wire, SmallBufferCodec};
 use batchd::engine::{Command, Principal};
-use batchd::proto::{self, process_request::Kind};
+use batchd::proto;
 use batchd::Engine;
 use batchd_fuzz::{daemon, principal_of, ALICE_TOKEN, BOB_TOKENS, MAX_REASON};
 use bytes::Bytes;
@@ -43,7 +45,7 @@ fuzz_target!(|data: &[u8]| run(data));
 /// What the frames of a body hold, walked independently of tonic.
 #[derive(Debug)]
 enum Frame {
-    /// A frame whose payload decodes.
+    /// A frame whose payload decodes (with prost's generated code).
     Message(proto::ProcessRequest),
     /// The stream must fail with this code here.
     Fails(Code),
@@ -81,7 +83,7 @@ fn run(data: &[u8]) {
         .map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c))))
         .collect();
     let decoder =
-        SmallBufferCodec::<proto::ProcessResponse, proto::ProcessRequest>::default().decoder();
+        SmallBufferCodec::<wire::ProcessResponse, wire::ProcessRequest>::default().decoder();
     let body = StreamBody::new(futures_util::stream::iter(frames));
     let mut stream = Streaming::new_request(decoder, body, None, Some(max_message));
 
@@ -94,7 +96,9 @@ fn run(data: &[u8]) {
         match (next, expected.next()) {
             (None, None) => break,
             (Some(Ok(msg)), Some(Frame::Message(want))) => {
-                assert_eq!(msg, want, "the stream and the frame walk disagree");
+                let seen = proto::ProcessRequest::decode(msg.encode_to_vec().as_slice())
+                    .expect("the daemon's message re-encodes to one prost decodes");
+                assert_eq!(seen, want, "the stream and the frame walk disagree");
                 check_message(engine, &principal, msg);
             }
             (Some(Err(status)), Some(Frame::Fails(code))) => {
@@ -156,14 +160,14 @@ fn walk(mut body: &[u8], max_message: usize) -> Vec<Frame> {
     out
 }
 
-fn check_message(engine: &Engine, principal: &Principal, msg: proto::ProcessRequest) {
-    let again = proto::ProcessRequest::decode(msg.encode_to_vec().as_slice())
+fn check_message(engine: &Engine, principal: &Principal, msg: wire::ProcessRequest) {
+    let again = wire::ProcessRequest::decode(msg.encode_to_vec().as_slice())
         .expect("a decoded message re-encodes to a decodable one");
     assert_eq!(again, msg, "encode/decode round trip");
 
     let had_kind = msg.kind.is_some();
     let timeouts: Vec<Option<prost_types::Duration>> = match &msg.kind {
-        Some(Kind::Batch(b)) => b.jobs.iter().map(|j| j.timeout).collect(),
+        Some(wire::Kind::Batch(b)) => b.jobs.iter().map(|j| j.timeout).collect(),
         _ => Vec::new(),
     };
     let command = batchd::service::command(msg);
@@ -185,12 +189,12 @@ fn check_message(engine: &Engine, principal: &Principal, msg: proto::ProcessRequ
             Ok(timeout) => {
                 assert!(!job.id.is_empty(), "admitted with an empty id");
                 assert!(
-                    principal.may_use(&job.handler),
+                    principal.may_use(job.handler.as_str()),
                     "admitted a forbidden handler"
                 );
                 let handler = engine
                     .registry()
-                    .get(&job.handler)
+                    .get(job.handler.as_str())
                     .expect("admitted an unknown handler");
                 assert!(job.payload.len() <= limits.max_payload, "payload over max");
                 assert!(!timeout.is_zero() && timeout <= limits.max_job_timeout);
@@ -205,7 +209,7 @@ fn check_message(engine: &Engine, principal: &Principal, msg: proto::ProcessRequ
                         assert!(timeout <= asked, "runs longer than asked");
                     }
                 }
-                if let Some((spec, template)) = d.exec.get(&job.handler) {
+                if let Some((spec, template)) = d.exec.get(job.handler.as_str()) {
                     check_argv(spec, template, &job.params);
                 }
             }

@@ -1,10 +1,10 @@
 //! Jobs and results as the engine sees them, free of protobuf types.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::codec::Text;
 use crate::handlers::Params;
 pub use crate::outcome::Outcome;
 
@@ -12,9 +12,9 @@ pub use crate::outcome::Outcome;
 #[derive(Debug, Clone)]
 pub struct JobRequest {
     /// The client's id; unique among the call's unfinished jobs.
-    pub id: String,
+    pub id: Text,
     /// The handler's name.
-    pub handler: String,
+    pub handler: Text,
     /// The handler's input.
     pub payload: Bytes,
     /// The handler's params.
@@ -38,7 +38,7 @@ pub enum Command {
     /// Admit and run these jobs.
     Submit {
         /// The client's name for the batch.
-        batch_id: Arc<str>,
+        batch_id: Text,
         /// The jobs, in order.
         jobs: Vec<JobRequest>,
     },
@@ -55,9 +55,9 @@ pub enum Command {
 #[derive(Debug, Clone)]
 pub struct JobResult {
     /// The job's id.
-    pub job_id: String,
+    pub job_id: Text,
     /// The batch the job came in.
-    pub batch_id: Arc<str>,
+    pub batch_id: Text,
     /// How it ended.
     pub outcome: Outcome,
     /// The handler's output (OK only).
@@ -72,7 +72,7 @@ pub struct JobResult {
 
 impl JobResult {
     /// A REJECTED result naming the problem.
-    pub(crate) fn rejected(job_id: String, batch_id: Arc<str>, error: String) -> Self {
+    pub(crate) fn rejected(job_id: Text, batch_id: Text, error: String) -> Self {
         Self {
             job_id,
             batch_id,

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::time::{Instant, Sleep};
 
 use super::job::Outcome;
+use crate::codec::Text;
 use crate::handlers::HandlerError;
 
 /// A handler's future.
@@ -16,7 +17,7 @@ pub(super) type Work = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> 
 
 /// How a job ended, as its session records it.
 pub(super) struct Finished {
-    pub(super) id: String,
+    pub(super) id: Text,
     pub(super) outcome: Outcome,
     pub(super) output: Bytes,
     pub(super) error: String,
@@ -26,7 +27,7 @@ pub(super) struct Finished {
 /// first poll, so instant jobs never touch the timer wheel. Dropping it drops the handler's future
 /// and with it the job's context, whose token stops any work that outlives the future.
 pub(super) struct RunningJob {
-    id: String,
+    id: Text,
     work: Work,
     deadline: Instant,
     timeout: Duration,
@@ -41,7 +42,7 @@ pub(super) struct RunningJob {
 impl RunningJob {
     /// A job started at `started` that may run for `timeout`.
     pub(super) fn new(
-        id: String,
+        id: Text,
         work: Work,
         started: std::time::Instant,
         timeout: Duration,
@@ -60,7 +61,7 @@ impl RunningJob {
     }
 
     /// The job's id.
-    pub(super) fn id(&self) -> &str {
+    pub(super) fn id(&self) -> &Text {
         &self.id
     }
 
@@ -83,11 +84,7 @@ impl RunningJob {
 }
 
 /// The outcome of a handler that returned `res`.
-pub(super) fn conclude(
-    id: String,
-    res: Result<Bytes, HandlerError>,
-    max_output: usize,
-) -> Finished {
+pub(super) fn conclude(id: Text, res: Result<Bytes, HandlerError>, max_output: usize) -> Finished {
     let (outcome, output, error) = match res {
         Ok(out) if out.len() > max_output => {
             let error = format!(

@@ -27,8 +27,9 @@ use super::running::{conclude, Finished, RunningJob};
 use super::scheduler::Lane;
 use super::trace::{JobSpan, SessionTrace};
 use super::{Inner, MAX_RESPONSE_BYTES};
+use crate::codec::Text;
 use crate::error::Error;
-use crate::handlers::{Handler, JobContext, JobInput, Params};
+use crate::handlers::{HandlerError, JobContext, JobInput, Params};
 
 mod admit;
 mod end;
@@ -36,12 +37,17 @@ mod end;
 /// How long a session cut off by shutdown tries to hand over its last results.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
+/// Jobs of a batch a session admits (or rejects) in one turn before it lets other tasks run: a
+/// call that sends 10,000-job batches to a large window does not hold a worker thread for
+/// milliseconds while small calls wait behind it.
+const ADMIT_PER_TURN: usize = 512;
+
 /// What the session hands to the response stream: results (and jobs given back), or the status
 /// that ends the call.
 pub(super) type Outgoing = Result<Reply, Error>;
 
 /// Unfinished jobs by id; foldhash is several times faster than SipHash and still seeded per process.
-type Jobs = HashMap<String, Slot, foldhash::fast::RandomState>;
+type Jobs = HashMap<Text, Slot, foldhash::fast::RandomState>;
 
 /// The state of one call.
 pub(super) struct Session<S> {
@@ -52,7 +58,7 @@ pub(super) struct Session<S> {
     reading: bool,
     half_closed: bool,
     /// The rest of a batch not admitted yet because the window was full, with the batch's span.
-    pending: Option<(Arc<str>, std::vec::IntoIter<JobRequest>, tracing::Span)>,
+    pending: Option<(Text, std::vec::IntoIter<JobRequest>, tracing::Span)>,
     /// Admitted jobs waiting for a slot, in order; entries of cancelled jobs are skipped.
     queue: VecDeque<Queued>,
     stale: usize,
@@ -94,6 +100,9 @@ pub(super) struct Session<S> {
     run_times: LocalHistogram,
     /// Queued and running jobs by handler, folded into the engine's gauges before each wait.
     gauges: GaugeDeltas,
+    /// The handler the call's last admitted job named, as admission found it: jobs of one handler
+    /// in a row are checked without a lookup.
+    last_handler: Option<HandlerPick>,
     /// Who the call is: the handlers it may use, its scheduler group and figures.
     principal: Arc<Principal>,
     _slot: CallSlot,
@@ -102,8 +111,9 @@ pub(super) struct Session<S> {
 
 struct Queued {
     seq: u64,
-    id: String,
-    handler: Arc<dyn Handler>,
+    id: Text,
+    /// The handler's row (see `Inner::handlers`).
+    row: usize,
     payload: Bytes,
     params: Params,
     timeout: Duration,
@@ -111,7 +121,7 @@ struct Queued {
 
 struct Slot {
     seq: u64,
-    batch_id: Arc<str>,
+    batch_id: Text,
     admitted: Instant,
     /// When the job started, once it runs.
     running: Option<Instant>,
@@ -121,6 +131,17 @@ struct Slot {
     bytes: usize,
     /// The job's span, when the call is sampled.
     span: JobSpan,
+}
+
+/// A known handler as a call may use it: its row, whether the call's principal may use it, and
+/// its timeouts.
+#[derive(Debug, Clone, Copy)]
+pub(in crate::engine) struct HandlerPick {
+    row: usize,
+    allowed: bool,
+    /// The timeout of a job that sets none, and the longest one may ask for.
+    default_timeout: Duration,
+    max_timeout: Duration,
 }
 
 /// What a session takes over from its [`super::Call`].
@@ -198,6 +219,7 @@ where
             queue_times: LocalHistogram::default(),
             run_times: LocalHistogram::default(),
             gauges,
+            last_handler: None,
             principal,
             _slot: slot,
             _permit: permit,
@@ -268,6 +290,11 @@ where
             if let Err(e) = admitted {
                 return End::Status(e);
             }
+            // More of a batch to admit: others get a turn first, then the loop comes back to it.
+            let more = self.pending.is_some() && self.has_room();
+            if more {
+                tokio::task::yield_now().await;
+            }
             if !self.reading
                 && self.pending.is_none()
                 && self.jobs.is_empty()
@@ -289,7 +316,7 @@ where
                 };
             }
             let can_read = self.reading && self.pending.is_none() && self.has_room();
-            let stalled = self.reading && !can_read;
+            let stalled = self.reading && !can_read && !more;
             if stalled && !self.stalled {
                 self.engine.metrics.stalled();
             }
@@ -338,6 +365,8 @@ where
                     }
                     Some(Err(e)) => return End::Status(e),
                 },
+                // Back to admitting the rest of the batch.
+                () = std::future::ready(()), if more => {}
             }
         }
     }
@@ -363,9 +392,13 @@ where
     /// right away: a job that finishes on that poll (a handler that fails fast) is recorded at once
     /// and never becomes a future to track.
     fn start(&mut self, mut n: usize) {
+        let engine = Arc::clone(&self.engine);
         let now = Instant::now();
         let max_output = self.engine.limits.max_output;
         let mut done = 0;
+        // Most started jobs finish at once: room for their results in one allocation, rather than
+        // the queue doubling its way up (and copying) after every response took it whole.
+        self.ready.reserve(n.min(self.queue.len()));
         while n > 0 {
             let Some(q) = self.queue.pop_front() else {
                 break;
@@ -391,11 +424,17 @@ where
                 payload: q.payload,
                 params: q.params,
             };
-            let res = match q.handler.run_now(input) {
+            let Some((_, handler)) = engine.handlers.get(q.row) else {
+                // Rows come from admission, so this cannot happen; end the job rather than lose it.
+                let res = Err(HandlerError(format!("no handler in row {}", q.row)));
+                done += usize::from(self.finished(conclude(q.id, res, max_output), now));
+                continue;
+            };
+            let res = match handler.run_now(input) {
                 Ok(res) => res,
                 Err(input) => {
                     let ctx = JobContext::new(self.engine.cpu.clone(), span);
-                    let mut work = q.handler.run(input, ctx);
+                    let mut work = Arc::clone(handler).run(input, ctx);
                     match (&mut work).now_or_never() {
                         Some(res) => res,
                         None => {
@@ -434,9 +473,12 @@ where
         self.held_bytes = self.held_bytes.saturating_sub(slot.bytes);
         self.gauges.running(slot.handler_row, -1);
         let started = slot.running.unwrap_or(now);
-        self.engine
-            .metrics
-            .ran_for(&mut self.run_times, now - started);
+        // A job that finished as it started (echo) ran for no time: no clock arithmetic.
+        let ran = match started == now {
+            true => Duration::ZERO,
+            false => now - started,
+        };
+        self.engine.metrics.ran_for(&mut self.run_times, ran);
         let cancelled_by = (done.outcome == Outcome::Cancelled).then_some("CancelJobs");
         let result = JobResult {
             job_id: done.id,
@@ -445,7 +487,7 @@ where
             output: done.output,
             error: done.error,
             queued: Some(started - slot.admitted),
-            ran: Some(now - started),
+            ran: Some(ran),
         };
         self.push_ready(result, slot.handler_row, slot.span, cancelled_by);
         true

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 
 use super::{End, Session, FINAL_FLUSH};
+use crate::codec::Text;
 use crate::engine::job::{Command, JobResult, Outcome};
 use crate::engine::metrics::EndReason;
 use crate::error::Error;
@@ -35,7 +36,7 @@ where
                 }
                 Some(Ok(Command::Submit { jobs, .. })) => {
                     if self.give_back {
-                        let ids = jobs.into_iter().map(|j| j.id);
+                        let ids = jobs.into_iter().map(|j| j.id.as_str().to_owned());
                         self.given_back.not_started.extend(ids);
                     }
                 }
@@ -48,10 +49,11 @@ where
     /// admitted yet, and the queued jobs); the running ones finish.
     pub(super) fn give_back_unstarted(&mut self) {
         if let Some((_, rest, _)) = self.pending.take() {
-            self.given_back.not_started.extend(rest.map(|j| j.id));
+            let ids = rest.map(|j| j.id.as_str().to_owned());
+            self.given_back.not_started.extend(ids);
             self.pending_bytes = 0;
         }
-        let queued: Vec<String> = self
+        let queued: Vec<Text> = self
             .jobs
             .iter()
             .filter(|(_, slot)| slot.running.is_none())
@@ -77,7 +79,7 @@ where
             self.count(slot.handler_row, Outcome::Cancelled, 1);
             slot.span
                 .cancelled("given back at shutdown", slot.admitted, None);
-            self.given_back.not_started.push(id);
+            self.given_back.not_started.push(id.as_str().to_owned());
         }
     }
 }
@@ -110,8 +112,8 @@ impl<S> Session<S> {
             // below counts them and ends their spans.
             for (id, slot) in &self.jobs {
                 match slot.running {
-                    Some(_) => self.given_back.stopped.push(id.clone()),
-                    None => self.given_back.not_started.push(id.clone()),
+                    Some(_) => self.given_back.stopped.push(id.as_str().to_owned()),
+                    None => self.given_back.not_started.push(id.as_str().to_owned()),
                 }
             }
         }

@@ -29,10 +29,15 @@ pub fn job_line(i: usize) -> String {
 
 /// A file of jobs `0..n` ([`job_line`]).
 pub fn job_file(dir: &Path, n: usize) -> PathBuf {
+    job_file_of(dir, n, job_line)
+}
+
+/// A file of jobs `0..n`, job `i` written by `line`.
+pub fn job_file_of(dir: &Path, n: usize, line: impl Fn(usize) -> String) -> PathBuf {
     let path = dir.join("jobs.jsonl");
     let mut f = BufWriter::new(std::fs::File::create(&path).unwrap());
     for i in 0..n {
-        writeln!(f, "{}", job_line(i)).unwrap();
+        writeln!(f, "{}", line(i)).unwrap();
     }
     f.flush().unwrap();
     path
@@ -103,6 +108,17 @@ pub fn assert_each_once_ok(outputs: &[&Path], n: usize) {
 pub fn holding(daemon: &Daemon) -> f64 {
     let metrics = scrape::scrape(daemon.admin_addr());
     scrape::sum(&metrics, "batchd_jobs_queued") + scrape::sum(&metrics, "batchd_jobs_running")
+}
+
+/// Jobs of `handler` a daemon runs now, from its `/metrics`.
+pub fn running(daemon: &Daemon, handler: &str) -> f64 {
+    let metrics = scrape::scrape(daemon.admin_addr());
+    let row = format!("batchd_jobs_running{{handler=\"{handler}\"}} ");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&row))
+        .map(|v| v.parse::<f64>().unwrap())
+        .sum()
 }
 
 /// Jobs a daemon has admitted, from its `/metrics`.

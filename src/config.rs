@@ -51,6 +51,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Jobs running at once, across all calls (at most [`MAX_COUNT`]).
     pub workers: usize,
+    /// Of `workers`, the slots that only calls running no job may take, so that a small call starts
+    /// at once while a bulk call holds every other slot; unset means `workers / 64` (less than
+    /// `workers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_workers: Option<usize>,
     /// CPU-bound pieces of work running at once; 0 means the number of cores (at most
     /// [`MAX_CPU_WORKERS`]).
     pub cpu_workers: usize,
@@ -219,6 +224,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             workers: 256,
+            reserved_workers: None,
             cpu_workers: 0,
             session_window: 1024,
             session_bytes: ByteSize::mib(64),
@@ -387,6 +393,12 @@ impl Config {
                 return invalid(field, &format!("must be at most {MAX_COUNT}"));
             }
         }
+        if self.reserved_workers.is_some_and(|r| r >= self.workers) {
+            return invalid(
+                "reserved_workers",
+                "must be less than workers (the other calls need at least one slot)",
+            );
+        }
         if self.cpu_workers > MAX_CPU_WORKERS {
             return invalid(
                 "cpu_workers",
@@ -524,6 +536,11 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// `reserved_workers`, with unset resolved to `workers / 64`.
+    pub fn effective_reserved_workers(&self) -> usize {
+        self.reserved_workers.unwrap_or(self.workers / 64)
     }
 
     /// `cpu_workers`, with 0 resolved to the number of cores (at most [`MAX_CPU_WORKERS`]).

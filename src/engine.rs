@@ -48,6 +48,8 @@ pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 pub struct Limits {
     /// Jobs running at once across all calls.
     pub workers: usize,
+    /// Of `workers`, the slots kept for calls that run no job, so that they start at once.
+    pub reserved_workers: usize,
     /// CPU-bound pieces of work running at once.
     pub cpu_workers: usize,
     /// Admitted jobs whose result is not yet sent, per call.
@@ -199,6 +201,7 @@ impl From<&Config> for Limits {
     fn from(c: &Config) -> Self {
         Self {
             workers: c.workers,
+            reserved_workers: c.effective_reserved_workers(),
             cpu_workers: c.effective_cpu_workers(),
             session_window: c.session_window,
             session_bytes: usize::try_from(c.session_bytes.0).unwrap_or(usize::MAX),
@@ -232,7 +235,7 @@ impl Engine {
         let handlers = HandlerRows::new(&registry);
         Self {
             inner: Arc::new(Inner {
-                scheduler: Scheduler::new(limits.workers),
+                scheduler: Scheduler::new(limits.workers, limits.reserved_workers),
                 heartbeat: health::Heartbeat::new(limits.stall_timeout),
                 cpu: CpuPool::new(limits.cpu_workers),
                 calls: Arc::new(Semaphore::new(limits.max_calls)),

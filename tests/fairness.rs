@@ -104,3 +104,88 @@ async fn a_small_call_is_not_starved_by_a_greedy_one() {
         .unwrap();
     assert_eq!(a_results.load(Ordering::Relaxed), 1000);
 }
+
+/// A call of `n` jobs of the `gate` handler (they end only when the test adds permits).
+async fn bulk_of_gates(server: &TestServer, n: usize) -> OpenCall {
+    let mut client = server.client().await;
+    let bulk = OpenCall::open(&mut client).await;
+    let gated: Vec<proto::Job> = (0..n)
+        .map(|i| job(&format!("g{i}"), "gate", b"", &[]))
+        .collect();
+    bulk.send(batch("bulk", gated)).await;
+    bulk
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_running_nothing_starts_at_once_on_the_reserve_while_another_holds_every_other_slot()
+{
+    let (server, permits, _) = recording_gated_server(|c| {
+        c.workers = 8;
+        c.reserved_workers = Some(2);
+    });
+    // The bulk call's gated jobs never end: it holds the 6 slots it may, the other 94 wait.
+    let _bulk = bulk_of_gates(&server, 100).await;
+    settle("the bulk call holds all but the reserve", &server, || {
+        let s = server.stats();
+        s.jobs_running == 6 && s.jobs_queued == 94
+    })
+    .await;
+    assert_eq!(server.stats().free_workers, 2, "the reserve stays free");
+
+    // Two other calls, each running nothing: their echoes start at once, one after another.
+    for name in ["small-1", "small-2"] {
+        let mut client = server.client().await;
+        let mut small = OpenCall::open(&mut client).await;
+        for i in 0..3 {
+            small
+                .send(batch(name, vec![job(&format!("e{i}"), "echo", b"hi", &[])]))
+                .await;
+            let got = tokio::time::timeout(LIVENESS, small.collect(1))
+                .await
+                .expect("the echo runs on the reserve")
+                .unwrap();
+            assert_eq!(outcome(&got[0]), Outcome::Ok);
+        }
+    }
+    let s = server.stats();
+    assert_eq!(
+        (s.jobs_running, s.jobs_queued),
+        (6, 94),
+        "the bulk call got no more"
+    );
+    permits.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_reserve_a_call_waits_for_a_slot_another_holds() {
+    let (server, permits, _) = recording_gated_server(|c| {
+        c.workers = 8;
+        c.reserved_workers = Some(0);
+    });
+    let _bulk = bulk_of_gates(&server, 100).await;
+    settle("the bulk call holds every slot", &server, || {
+        server.stats().jobs_running == 8
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut small = OpenCall::open(&mut client).await;
+    small
+        .send(batch("small", vec![job("e", "echo", b"hi", &[])]))
+        .await;
+    settle("the echo is queued", &server, || {
+        server.stats().jobs_queued == 93
+    })
+    .await;
+    // The gates never open, so no slot frees: the echo stays queued, however long the wait.
+    let waited =
+        tokio::time::timeout(std::time::Duration::from_millis(300), small.collect(1)).await;
+    assert!(waited.is_err(), "the echo ran without a slot: {waited:?}");
+    // Two gated jobs end: of the freed slots, the small call gets one in turn.
+    permits.add_permits(2);
+    let got = tokio::time::timeout(LIVENESS, small.collect(1))
+        .await
+        .expect("the echo runs on the freed slot")
+        .unwrap();
+    assert_eq!(outcome(&got[0]), Outcome::Ok);
+    permits.close();
+}

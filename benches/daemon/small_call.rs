@@ -10,16 +10,13 @@
 //! results does not delay the small call's client (the two still share the machine's cores with
 //! the daemon).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::client::{batch, connect, is_ok, job, open_call, sleep_jobs, Call};
 use crate::support::daemon::Daemon;
+use crate::support::flow::Flow;
 use crate::support::report::{figure, latency_ms};
 use crate::support::scenarios::knob;
 use crate::support::stats::{percentile, P50_P99_MAX};
@@ -51,14 +48,14 @@ pub async fn run() {
     let small_client = connect(&url).await;
     let mut small = open_call(&small_client, 4).await;
 
-    let mut idle = echoes(&mut small, REFERENCE_SAMPLES, || 0).await;
+    let (mut idle, _) = echoes(&mut small, REFERENCE_SAMPLES, || 0).await;
     idle.sort();
     figure("small_call_reference_samples", idle.len());
     latency_ms("small_call_reference_idle", &idle, &P50_P99_MAX, percentile);
 
     let bulk = Bulk::start(&url).await;
     let filled = Instant::now();
-    while bulk.outstanding() < (BULK_QUEUED - BULK_BATCH) as u64 {
+    while bulk.flow.outstanding() < (BULK_QUEUED - BULK_BATCH) as u64 {
         assert!(
             filled.elapsed() < Duration::from_secs(60),
             "the bulk call did not get {BULK_QUEUED} jobs out within 60 s"
@@ -69,23 +66,32 @@ pub async fn run() {
         "small_call_bulk_fill_s",
         format!("{:.2}", filled.elapsed().as_secs_f64()),
     );
-    let done0 = bulk.done.load(Ordering::Relaxed);
+    let done0 = bulk.flow.done();
     let t0 = Instant::now();
-    let outstanding = || bulk.outstanding();
+    let outstanding = || bulk.flow.outstanding();
     let mut min_queued = u64::MAX;
-    let mut busy = echoes(&mut small, samples, || {
+    let (mut busy, mut queued) = echoes(&mut small, samples, || {
         let q = outstanding();
         min_queued = min_queued.min(q);
         q
     })
     .await;
     let wall = t0.elapsed().as_secs_f64();
-    let bulk_done = bulk.done.load(Ordering::Relaxed) - done0;
-    let not_ok = bulk.not_ok.load(Ordering::Relaxed);
+    let bulk_done = bulk.flow.done() - done0;
+    let not_ok = bulk.flow.not_ok();
     bulk.stop().await;
     busy.sort();
     figure("small_call_samples", busy.len());
     latency_ms("small_call_under_bulk", &busy, &P50_P99_MAX, percentile);
+    queued.sort();
+    // Of the round trip, the time the echo waited in the daemon for a worker slot (its result's
+    // `queued`): the rest is transport and the daemon's tasks.
+    latency_ms(
+        "small_call_under_bulk_queued",
+        &queued,
+        &P50_P99_MAX,
+        percentile,
+    );
     figure("small_call_bulk_outstanding_min", min_queued);
     figure(
         "small_call_bulk_jobs_per_s",
@@ -95,12 +101,18 @@ pub async fn run() {
     figure("small_call_daemon_peak_rss_kib", d.hwm_kb());
 }
 
-/// `n` echo round trips on `call`, one every [`EVERY`]; `probe` runs before each.
-async fn echoes(call: &mut Call, n: usize, mut probe: impl FnMut() -> u64) -> Vec<Duration> {
+/// `n` echo round trips on `call`, one every [`EVERY`]; `probe` runs before each. Returns the
+/// round trips and the times the echoes waited for a slot in the daemon (their results' `queued`).
+async fn echoes(
+    call: &mut Call,
+    n: usize,
+    mut probe: impl FnMut() -> u64,
+) -> (Vec<Duration>, Vec<Duration>) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let payload = Bytes::from_static(b"small");
     let mut out = Vec::with_capacity(n);
+    let mut queued = Vec::with_capacity(n);
     for i in 0..n {
         tick.tick().await;
         probe();
@@ -113,17 +125,17 @@ async fn echoes(call: &mut Call, n: usize, mut probe: impl FnMut() -> u64) -> Ve
         let msg = call.rx.message().await.unwrap().unwrap();
         out.push(t.elapsed());
         assert!(msg.results.len() == 1 && is_ok(&msg.results[0]), "{msg:?}");
+        let waited = msg.results[0]
+            .queued
+            .and_then(|d| Duration::try_from(d).ok());
+        queued.push(waited.unwrap_or_default());
     }
-    out
+    (out, queued)
 }
 
 /// The bulk call: keeps `BULK_QUEUED` sleeps outstanding, refilling as results come back.
 struct Bulk {
-    sent: Arc<AtomicU64>,
-    done: Arc<AtomicU64>,
-    not_ok: Arc<AtomicU64>,
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    flow: Flow,
     /// The bulk client's own runtime.
     rt: tokio::runtime::Runtime,
 }
@@ -136,7 +148,7 @@ impl Bulk {
             .build()
             .unwrap();
         let url = url.to_owned();
-        let (client, Call { tx, mut rx }) = rt
+        let (client, call) = rt
             .spawn(async move {
                 let client = connect(&url).await;
                 let call = open_call(&client, 4).await;
@@ -144,70 +156,19 @@ impl Bulk {
             })
             .await
             .unwrap();
-        let credit = Arc::new(Semaphore::new(BULK_QUEUED));
-        let (sent, done, not_ok): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) =
-            Default::default();
-        let stop = CancellationToken::new();
-        let mut tasks = Vec::new();
-        {
-            let (credit, sent, stop) = (Arc::clone(&credit), Arc::clone(&sent), stop.clone());
-            tasks.push(rt.spawn(async move {
-                // Ids cycle over twice the outstanding jobs: one is sent again only long after
-                // its previous job finished (a clash would come back REJECTED and be counted).
-                let cycle = 2 * BULK_QUEUED / BULK_BATCH;
-                for n in 0.. {
-                    let permit = tokio::select! {
-                        p = credit.acquire_many(BULK_BATCH as u32) => p.unwrap(),
-                        () = stop.cancelled() => break,
-                    };
-                    permit.forget();
-                    let jobs = sleep_jobs(&format!("{}-", n % cycle), BULK_BATCH, "1");
-                    if tx.send(batch(format!("bulk{n}"), jobs)).await.is_err() {
-                        break;
-                    }
-                    sent.fetch_add(BULK_BATCH as u64, Ordering::Relaxed);
-                }
-                drop(client);
-            }));
-        }
-        {
-            let (done, not_ok, stop) = (Arc::clone(&done), Arc::clone(&not_ok), stop.clone());
-            tasks.push(rt.spawn(async move {
-                loop {
-                    let msg = tokio::select! {
-                        m = rx.message() => m,
-                        () = stop.cancelled() => break,
-                    };
-                    let Ok(Some(msg)) = msg else { break };
-                    let n = msg.results.len();
-                    let bad = msg.results.iter().filter(|r| !is_ok(r)).count();
-                    done.fetch_add(n as u64, Ordering::Relaxed);
-                    not_ok.fetch_add(bad as u64, Ordering::Relaxed);
-                    credit.add_permits(n);
-                }
-            }));
-        }
-        Self {
-            sent,
-            done,
-            not_ok,
-            stop,
-            tasks,
-            rt,
-        }
-    }
-
-    /// Jobs sent and not answered yet.
-    fn outstanding(&self) -> u64 {
-        let done = self.done.load(Ordering::Relaxed);
-        self.sent.load(Ordering::Relaxed).saturating_sub(done)
+        // Ids cycle over twice the outstanding jobs: one is sent again only long after its
+        // previous job finished (a clash would come back REJECTED and be counted).
+        let cycle = (2 * BULK_QUEUED / BULK_BATCH) as u64;
+        let make = move |n: u64| {
+            let jobs = sleep_jobs(&format!("{}-", n % cycle), BULK_BATCH, "1");
+            (format!("bulk{n}"), jobs)
+        };
+        let flow = Flow::start(rt.handle(), call, client, BULK_QUEUED, BULK_BATCH, make);
+        Self { flow, rt }
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        for t in self.tasks {
-            t.await.unwrap();
-        }
+        self.flow.stop().await;
         self.rt.shutdown_background();
     }
 }

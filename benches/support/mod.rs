@@ -9,6 +9,7 @@
 //! - [`procfs`]: CPU time, RSS, threads, state and identity (pid + start time) of a process, and
 //!   which processes there are, from /proc; the `machine:` line and the load average.
 //! - [`client`]: tonic connections, open `Process` calls and request builders.
+//! - [`flow`]: a call kept busy with a credit of jobs in flight, its results counted.
 //! - [`stats`]: percentiles of sorted samples, milliseconds.
 //! - [`report`]: `name: value` figure lines and `target_check:` lines (a target may check one
 //!   number of a figure of several, such as `best 1.18, median 1.61`).
@@ -27,6 +28,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod flow;
 pub mod inproc;
 pub mod procfs;
 pub mod report;

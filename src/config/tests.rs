@@ -478,3 +478,24 @@ fn a_toml_text_loads_as_a_file_does() {
     let e = Config::from_toml("workers = [").unwrap_err().to_string();
     assert!(e.contains("config text"), "{e}");
 }
+
+#[test]
+fn reserved_workers_default_to_a_64th_and_leave_the_others_a_slot() {
+    assert_eq!(Config::default().effective_reserved_workers(), 4);
+    assert_eq!(
+        set(&["workers=63"]).unwrap().effective_reserved_workers(),
+        0
+    );
+    let c = set(&["workers=8", "reserved_workers=7"]).unwrap();
+    assert_eq!(c.effective_reserved_workers(), 7);
+    for bad in [
+        &["workers=8", "reserved_workers=8"][..],
+        &["reserved_workers=256"],
+    ] {
+        let msg = set_err(bad);
+        assert!(
+            msg.starts_with("invalid config: reserved_workers: must be less than workers"),
+            "{msg}"
+        );
+    }
+}

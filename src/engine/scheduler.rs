@@ -14,6 +14,10 @@
 //! get that principal's share, not 1,000 shares, and a call with 100,000 queued jobs gets one slot per
 //! turn like a call of the same principal with 20. Dropping a lane returns every slot it held or was
 //! granted.
+//!
+//! The last `reserve` free slots go only to lanes that hold none (calls running nothing, the health
+//! probe), first come first served: a small call starts its job at once while a bulk call holds
+//! every other slot, instead of waiting for one of the bulk call's jobs to end.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -36,8 +40,15 @@ const STRIDE: u128 = 720_720;
 struct State {
     /// The pool's size.
     slots: usize,
-    /// Slots nobody holds. Invariant: `free > 0` only when no group under its cap wants a slot.
+    /// Of the free slots, how many only lanes holding none may take.
+    reserve: usize,
+    /// Slots nobody holds. Invariant: `free > reserve` only when no group under its cap wants a
+    /// slot, and `free > 0` only when no lane that holds none (and whose group is under its cap)
+    /// wants one.
     free: usize,
+    /// Lanes that wanted a slot while they held none, each at most once, oldest first: who may
+    /// take the reserve. An entry whose lane holds slots by its turn is skipped.
+    fresh: VecDeque<u64>,
     /// Groups by index (a principal's metrics row); never removed, so an index stays valid.
     groups: Vec<Group>,
     /// Groups that want slots, each once, in no order.
@@ -88,7 +99,11 @@ struct LaneState {
     granted: usize,
     /// Since when `granted` has been above zero: a healthy owner takes its grants at once.
     granted_at: Option<Instant>,
+    /// Slots its owner took and has not released: its running jobs.
+    taken: usize,
     in_ring: bool,
+    /// Whether it is in `State::fresh`.
+    in_fresh: bool,
     waker: Option<Waker>,
 }
 
@@ -119,12 +134,15 @@ pub(crate) struct Lane {
 
 impl Scheduler {
     /// A pool of `slots` workers, with one group (index 0, [`PROBE_GROUP`]) of weight 1 and no cap;
-    /// other groups are added as lanes or [`Scheduler::configure`] name them.
-    pub(crate) fn new(slots: usize) -> Arc<Self> {
+    /// other groups are added as lanes or [`Scheduler::configure`] name them. `reserve` of them (at
+    /// most `slots - 1`) go only to lanes that hold none.
+    pub(crate) fn new(slots: usize, reserve: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 slots,
+                reserve: reserve.min(slots.saturating_sub(1)),
                 free: slots,
+                fresh: VecDeque::new(),
                 groups: vec![Group::new()],
                 active: Vec::new(),
                 lanes: HashMap::default(),
@@ -164,7 +182,9 @@ impl Scheduler {
                 wants: 0,
                 granted: 0,
                 granted_at: None,
+                taken: 0,
                 in_ring: false,
+                in_fresh: false,
                 waker: None,
             },
         );
@@ -197,7 +217,7 @@ impl Scheduler {
             .filter(|g| g.held < g.cap)
             .map(|g| g.wants)
             .sum();
-        (state.free > 0 && wanted > 0).then_some(PoolStall::IdleSlots {
+        (state.free > state.reserve && wanted > 0).then_some(PoolStall::IdleSlots {
             free: state.free,
             wanted,
         })
@@ -305,10 +325,16 @@ impl State {
             .map(|(i, _)| i)
     }
 
-    /// Hands free slots to waiting lanes while a group may take one; returns, through `wake`, the
-    /// wakers to call after unlocking.
+    /// Hands free slots to waiting lanes while a group may take one (the last `reserve` only to
+    /// lanes that hold none); returns, through `wake`, the wakers to call after unlocking.
     fn dispatch(&mut self, wake: &mut Vec<Waker>) {
         while self.free > 0 {
+            if self.free <= self.reserve {
+                if self.grant_fresh(wake) {
+                    continue;
+                }
+                return;
+            }
             let Some(g) = self.pick() else {
                 return;
             };
@@ -327,24 +353,67 @@ impl State {
                 lane.in_ring = false;
                 continue;
             }
-            lane.wants -= 1;
-            lane.granted += 1;
-            lane.granted_at.get_or_insert_with(Instant::now);
-            group.held += 1;
-            group.served = self.clock;
-            self.clock += 1;
-            self.vtime = self.vtime.max(group.pass);
-            group.pass += group.stride;
-            self.free -= 1;
-            if let Some(w) = lane.waker.take() {
-                wake.push(w);
+            self.grant(g, id, wake);
+            let (group, lane) = (&mut self.groups[g], self.lanes.get_mut(&id));
+            match lane {
+                Some(lane) if lane.wants > 0 => group.ring.push_back(id),
+                Some(lane) => lane.in_ring = false,
+                None => {}
             }
-            if lane.wants > 0 {
-                group.ring.push_back(id);
-            } else {
-                lane.in_ring = false;
+        }
+    }
+
+    /// Grants a slot to the oldest lane of `fresh` that still holds none, wants one and whose group
+    /// is under its cap; returns whether it did. Entries it passes over leave `fresh`.
+    fn grant_fresh(&mut self, wake: &mut Vec<Waker>) -> bool {
+        while let Some(id) = self.fresh.pop_front() {
+            let Some(lane) = self.lanes.get_mut(&id) else {
+                continue;
+            };
+            lane.in_fresh = false;
+            let g = lane.group;
+            let group = &self.groups[g];
+            if lane.wants == 0 || lane.taken + lane.granted > 0 || group.held >= group.cap {
+                continue;
             }
-            self.sub_wants(g, 1);
+            // Its entry in the group's ring stays: it is skipped there once the lane wants none.
+            self.grant(g, id, wake);
+            return true;
+        }
+        false
+    }
+
+    /// Grants one free slot to lane `id` of group `g`, which wants one.
+    fn grant(&mut self, g: usize, id: u64, wake: &mut Vec<Waker>) {
+        let Some(lane) = self.lanes.get_mut(&id) else {
+            return;
+        };
+        let group = &mut self.groups[g];
+        lane.wants -= 1;
+        lane.granted += 1;
+        lane.granted_at.get_or_insert_with(Instant::now);
+        group.held += 1;
+        group.served = self.clock;
+        self.clock += 1;
+        self.vtime = self.vtime.max(group.pass);
+        group.pass += group.stride;
+        self.free -= 1;
+        if let Some(w) = lane.waker.take() {
+            wake.push(w);
+        }
+        self.sub_wants(g, 1);
+    }
+
+    /// Puts lane `id` in `fresh` if the reserve is on, it holds no slot, wants one and is not there.
+    fn note_fresh(&mut self, id: u64) {
+        if self.reserve == 0 {
+            return;
+        }
+        if let Some(lane) = self.lanes.get_mut(&id) {
+            if lane.wants > 0 && lane.taken + lane.granted == 0 && !lane.in_fresh {
+                lane.in_fresh = true;
+                self.fresh.push_back(id);
+            }
         }
     }
 
@@ -384,6 +453,7 @@ impl Lane {
                 state.groups[g].ring.push_back(self.id);
             }
             state.add_wants(g, n);
+            state.note_fresh(self.id);
             state.dispatch(&mut wake);
         }
         wake.into_iter().for_each(Waker::wake);
@@ -409,6 +479,7 @@ impl Lane {
         if lane.granted > 0 {
             let n = std::mem::take(&mut lane.granted);
             lane.granted_at = None;
+            lane.taken += n;
             let g = lane.group;
             state.groups[g].running += n;
             self.held += n;
@@ -430,6 +501,7 @@ impl Lane {
         };
         lane.granted_at = None;
         let (n, g) = (std::mem::take(&mut lane.granted), lane.group);
+        lane.taken += n;
         state.groups[g].running += n;
         self.held += n;
         n
@@ -445,8 +517,11 @@ impl Lane {
         let mut wake = Vec::new();
         {
             let mut state = self.scheduler.lock();
-            if let Some(g) = state.lanes.get(&self.id).map(|l| l.group) {
+            if let Some(lane) = state.lanes.get_mut(&self.id) {
+                lane.taken -= n.min(lane.taken);
+                let g = lane.group;
                 state.give_back(g, n, n);
+                state.note_fresh(self.id);
                 state.dispatch(&mut wake);
             }
         }
@@ -463,6 +538,7 @@ impl Lane {
                 let (g, wants) = (lane.group, std::mem::take(&mut lane.wants));
                 let granted = std::mem::take(&mut lane.granted);
                 lane.granted_at = None;
+                lane.taken = 0;
                 state.sub_wants(g, wants);
                 let held = std::mem::take(&mut self.held);
                 state.give_back(g, held + granted, held);
@@ -495,7 +571,7 @@ mod tests {
 
     #[test]
     fn grants_up_to_the_free_slots_then_queues() {
-        let s = Scheduler::new(2);
+        let s = Scheduler::new(2, 0);
         let mut a = s.lane(0);
         a.want(5);
         assert_eq!(a.take(), 2);
@@ -506,7 +582,7 @@ mod tests {
 
     #[test]
     fn calls_that_come_and_go_while_every_slot_is_busy_do_not_grow_the_ring() {
-        let s = Scheduler::new(1);
+        let s = Scheduler::new(1, 0);
         let mut busy = s.lane(0);
         busy.want(1);
         assert_eq!(busy.take(), 1);
@@ -527,7 +603,7 @@ mod tests {
 
     #[test]
     fn freed_slots_go_round_robin() {
-        let s = Scheduler::new(1);
+        let s = Scheduler::new(1, 0);
         let mut greedy = s.lane(0);
         let mut small = s.lane(0);
         greedy.want(100);
@@ -561,7 +637,7 @@ mod tests {
 
     #[test]
     fn dropping_a_lane_returns_held_and_granted_slots() {
-        let s = Scheduler::new(3);
+        let s = Scheduler::new(3, 0);
         let mut a = s.lane(0);
         a.want(3);
         assert_eq!(a.poll_take(&mut noop()), Poll::Ready(3));
@@ -576,7 +652,7 @@ mod tests {
 
     #[test]
     fn a_grant_left_untaken_is_a_stall_and_a_busy_pool_is_not() {
-        let s = Scheduler::new(1);
+        let s = Scheduler::new(1, 0);
         let after = Duration::from_secs(5);
         let mut busy = s.lane(0);
         let mut waiting = s.lane(0);
@@ -602,7 +678,7 @@ mod tests {
 
     #[test]
     fn free_slots_while_a_lane_waits_are_a_stall_unless_its_group_is_capped() {
-        let s = Scheduler::new(2);
+        let s = Scheduler::new(2, 0);
         let mut a = s.lane(0);
         a.want(3);
         assert_eq!(a.take(), 2);
@@ -614,7 +690,7 @@ mod tests {
             Some(PoolStall::IdleSlots { free: 1, wanted: 1 })
         );
         // A principal at its max_running waits while slots are free: that is the quota, not a stall.
-        let s = Scheduler::new(2);
+        let s = Scheduler::new(2, 0);
         s.configure(1, 1, Some(1));
         let mut capped = s.lane(1);
         capped.want(2);
@@ -625,7 +701,7 @@ mod tests {
 
     #[test]
     fn unwant_withdraws_queued_claims() {
-        let s = Scheduler::new(1);
+        let s = Scheduler::new(1, 0);
         let mut a = s.lane(0);
         let mut b = s.lane(0);
         a.want(1);
@@ -674,7 +750,7 @@ mod tests {
 
     #[test]
     fn the_pool_is_shared_by_weight_not_by_calls() {
-        let s = Scheduler::new(70);
+        let s = Scheduler::new(70, 0);
         s.configure(1, 1, None);
         s.configure(2, 2, None);
         s.configure(3, 4, None);
@@ -702,7 +778,7 @@ mod tests {
 
     #[test]
     fn an_idle_principal_s_share_goes_to_the_others() {
-        let s = Scheduler::new(12);
+        let s = Scheduler::new(12, 0);
         s.configure(1, 1, None);
         s.configure(2, 3, None);
         let mut a = lanes(&s, 1, 2, 100);
@@ -728,7 +804,7 @@ mod tests {
 
     #[test]
     fn max_running_caps_a_principal_and_its_jobs_wait() {
-        let s = Scheduler::new(10);
+        let s = Scheduler::new(10, 0);
         s.configure(1, 1, Some(3));
         let mut capped = lanes(&s, 1, 4, 10);
         assert_eq!(
@@ -758,7 +834,7 @@ mod tests {
 
     #[test]
     fn equal_shares_alternate_between_principals() {
-        let s = Scheduler::new(1);
+        let s = Scheduler::new(1, 0);
         s.configure(1, 1, None);
         let mut a = s.lane(0);
         let mut b = s.lane(1);
@@ -783,7 +859,7 @@ mod tests {
 
     #[test]
     fn dropping_lanes_keeps_the_group_counts_exact() {
-        let s = Scheduler::new(4);
+        let s = Scheduler::new(4, 0);
         s.configure(1, 1, Some(2));
         let mut a = lanes(&s, 1, 3, 5);
         assert_eq!(take_all(&mut a), 2);
@@ -806,7 +882,7 @@ mod tests {
     /// starts follow the weights exactly.
     #[test]
     fn starts_follow_the_weights_when_jobs_end_at_once() {
-        let s = Scheduler::new(1);
+        let s = Scheduler::new(1, 0);
         for (g, w) in [(1, 1), (2, 2), (3, 4)] {
             s.configure(g, w, None);
         }
@@ -827,5 +903,85 @@ mod tests {
             }
         }
         assert_eq!(starts, [100, 200, 400]);
+    }
+
+    #[test]
+    fn the_reserve_goes_only_to_lanes_that_hold_none() {
+        let s = Scheduler::new(4, 1);
+        let mut bulk = s.lane(0);
+        bulk.want(100);
+        assert_eq!(bulk.take(), 3, "the last slot is the reserve");
+        bulk.release(1);
+        assert_eq!(
+            bulk.take(),
+            1,
+            "a freed slot goes back to the bulk lane, not the reserve"
+        );
+        assert_eq!(s.free(), 1);
+        let mut small = s.lane(0);
+        small.want(2);
+        assert_eq!(
+            small.take(),
+            1,
+            "a lane holding none takes the reserve at once"
+        );
+        assert_eq!(s.free(), 0);
+        small.release(1);
+        assert_eq!(
+            small.take(),
+            1,
+            "holding none again, it takes the reserve again before the bulk lane"
+        );
+        small.release(1);
+        assert_eq!(
+            (bulk.take(), s.free()),
+            (0, 1),
+            "the bulk lane never takes it"
+        );
+        assert_eq!(
+            s.stall(Instant::now(), Duration::from_secs(1)),
+            None,
+            "a free reserve while the bulk lane waits is no stall"
+        );
+    }
+
+    #[test]
+    fn a_lane_holding_a_slot_waits_for_its_turn_however_empty_the_reserve() {
+        let s = Scheduler::new(4, 2);
+        let mut bulk = s.lane(0);
+        bulk.want(100);
+        assert_eq!(bulk.take(), 2);
+        let mut small = s.lane(0);
+        small.want(3);
+        assert_eq!(
+            small.take(),
+            1,
+            "one slot of the reserve, while it holds none"
+        );
+        assert_eq!(s.free(), 1, "the rest stays for the next call holding none");
+        let mut other = s.lane(0);
+        other.want(1);
+        assert_eq!(other.take(), 1);
+        // All of the pool but the reserve is held (bulk 2, small 1 of the reserve, other 1):
+        // the bulk lane's two freed slots would make the reserve whole. Holding none now, the bulk
+        // lane takes one of them, like any lane holding none; the small one, holding one, waits.
+        bulk.release(2);
+        assert_eq!(bulk.take(), 1);
+        assert_eq!((small.take(), s.free()), (0, 1));
+    }
+
+    #[test]
+    fn the_reserve_keeps_to_the_caps() {
+        let s = Scheduler::new(4, 2);
+        s.configure(1, 1, Some(1));
+        let mut capped = s.lane(1);
+        capped.want(1);
+        assert_eq!(capped.take(), 1);
+        let mut second = s.lane(1);
+        second.want(1);
+        assert_eq!(second.take(), 0, "its principal is at max_running");
+        assert_eq!(s.free(), 3);
+        capped.release(1);
+        assert_eq!(second.take(), 1, "the principal's freed slot");
     }
 }

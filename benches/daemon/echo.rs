@@ -1,15 +1,10 @@
 //! `echo`: throughput and server CPU per job, 4 calls keeping the daemon busy with echo batches.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-
-use crate::support::client::{batch, connect, is_ok, job, open_call, Call};
+use crate::support::client::{connect, open_call};
 use crate::support::daemon::Daemon;
+use crate::support::flow::{echo_batches, Flow};
 use crate::support::procfs::self_cpu_s;
 use crate::support::report::figure;
 
@@ -76,73 +71,23 @@ pub async fn run() {
 /// Runs the echo load against `d`: 1 s of warm-up, then 5 s measured.
 pub async fn measure(d: &Daemon) -> EchoRun {
     let url = d.url();
-    let received = Arc::new(AtomicU64::new(0));
-    let not_ok = Arc::new(AtomicU64::new(0));
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
+    let mut flows = Vec::new();
     for c in 0..CALLS {
         let client = connect(&url).await;
-        let Call { tx, mut rx } = open_call(&client, 16).await;
-        let credit = Arc::new(Semaphore::new(IN_FLIGHT));
-        let payload = Bytes::from(vec![b'x'; PAYLOAD]);
-        let (stop_tx, credit_tx) = (stop.clone(), Arc::clone(&credit));
-        tasks.push(tokio::spawn(async move {
-            let mut seq = 0u64;
-            let mut n = 0u64;
-            loop {
-                let permit = tokio::select! {
-                    p = credit_tx.acquire_many(BATCH as u32) => p.unwrap(),
-                    () = stop_tx.cancelled() => break,
-                };
-                permit.forget();
-                let jobs = (0..BATCH)
-                    .map(|_| {
-                        seq += 1;
-                        job(seq.to_string(), "echo", payload.clone(), &[])
-                    })
-                    .collect();
-                n += 1;
-                if tx.send(batch(format!("c{c}b{n}"), jobs)).await.is_err() {
-                    break;
-                }
-            }
-            drop(client);
-        }));
-        let (stop_rx, received, not_ok) =
-            (stop.clone(), Arc::clone(&received), Arc::clone(&not_ok));
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = rx.message() => m,
-                    () = stop_rx.cancelled() => break,
-                };
-                let Ok(Some(msg)) = msg else { break };
-                let n = msg.results.len();
-                let bad = msg.results.iter().filter(|r| !is_ok(r)).count();
-                received.fetch_add(n as u64, Ordering::Relaxed);
-                not_ok.fetch_add(bad as u64, Ordering::Relaxed);
-                credit.add_permits(n);
-            }
-        }));
+        let call = open_call(&client, 16).await;
+        let rt = tokio::runtime::Handle::current();
+        let batches = echo_batches(c, PAYLOAD, BATCH);
+        flows.push(Flow::start(&rt, call, client, IN_FLIGHT, BATCH, batches));
     }
+    let received = |flows: &[Flow]| flows.iter().map(Flow::done).sum::<u64>();
     tokio::time::sleep(WARMUP).await;
-    let (cpu0, client0, jobs0, t0) = (
-        d.cpu(),
-        self_cpu_s(),
-        received.load(Ordering::Relaxed),
-        Instant::now(),
-    );
+    let (cpu0, client0, jobs0, t0) = (d.cpu(), self_cpu_s(), received(&flows), Instant::now());
     tokio::time::sleep(RUN).await;
-    let (cpu1, client1, jobs1, wall) = (
-        d.cpu(),
-        self_cpu_s(),
-        received.load(Ordering::Relaxed),
-        t0.elapsed(),
-    );
+    let (cpu1, client1, jobs1, wall) = (d.cpu(), self_cpu_s(), received(&flows), t0.elapsed());
     let threads = d.threads();
-    stop.cancel();
-    for t in tasks {
-        t.await.unwrap();
+    let not_ok = flows.iter().map(Flow::not_ok).sum();
+    for f in flows {
+        f.stop().await;
     }
     let (server_cpu_s, server_tick_s) = cpu1.since(cpu0);
     EchoRun {
@@ -151,7 +96,7 @@ pub async fn measure(d: &Daemon) -> EchoRun {
         server_cpu_s,
         server_tick_s,
         client_cpu_s: client1 - client0,
-        not_ok: not_ok.load(Ordering::Relaxed),
+        not_ok,
         threads,
     }
 }

@@ -36,7 +36,12 @@ use crate::support::daemon::Daemon;
 use crate::support::report::figure;
 use crate::support::scenarios::knob;
 
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The raw HTTP/2 of `tests/hostile.rs`'s peers (frames, the header flood), shared.
+#[path = "../../tests/support/h2frames.rs"]
+mod h2frames;
+use batchd::server::incoming::PREFACE;
+use h2frames::{flood_request, frame, read_until, GOAWAY, RST_STREAM, SETTINGS};
+
 /// Connections opened at once while the bench connects.
 const CONNECTING: usize = 256;
 /// How long after the connections opened "still held" is counted (the measure).
@@ -238,7 +243,7 @@ async fn idle_h2(n: usize, args: &[&str]) {
     let d = Daemon::spawn(args);
     let (base_rss, base_fds) = (d.rss_kb(), fds(&d));
     let mut hello = PREFACE.to_vec();
-    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
     let conns = open(d.addr, n, &hello).await;
     wait_for(Duration::from_secs(30), || {
         fds(&d).saturating_sub(base_fds) >= conns.len()
@@ -269,7 +274,7 @@ async fn flood(n: usize) {
                     async {
                         let _ = wr.write_all(&request).await;
                     },
-                    first_of(&mut rd, &[3, 7])
+                    read_until(&mut rd, &[RST_STREAM, GOAWAY])
                 );
                 answer
             }
@@ -294,74 +299,6 @@ async fn flood(n: usize) {
         "hostile_flood_peak_rss_delta_kib",
         d.hwm_kb().saturating_sub(base),
     );
-}
-
-/// The type of the first frame of `kinds` the daemon sends, or `None` if it closes first.
-async fn first_of(rd: &mut (impl AsyncReadExt + Unpin), kinds: &[u8]) -> Option<u8> {
-    let mut head = [0u8; 9];
-    loop {
-        rd.read_exact(&mut head).await.ok()?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        rd.read_exact(&mut payload).await.ok()?;
-        if kinds.contains(&head[3]) {
-            return Some(head[3]);
-        }
-    }
-}
-
-/// A request on stream 1 whose header block holds `size` bytes of 4 KiB headers, in a HEADERS
-/// frame and CONTINUATION frames of 16 KiB.
-fn flood_request(size: usize) -> Vec<u8> {
-    let mut block = Vec::new();
-    for (name, value) in [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/grpc.health.v1.Health/Check"),
-        (":authority", "batchd"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ] {
-        literal(&mut block, name, value.as_bytes());
-    }
-    let value = vec![b'x'; 4096];
-    for i in 0..size / value.len() {
-        literal(&mut block, &format!("x-flood-{i}"), &value);
-    }
-    let parts: Vec<&[u8]> = block.chunks(16_384).collect();
-    let mut out = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
-        let len = (part.len() as u32).to_be_bytes();
-        let kind = if i == 0 { 1 } else { 9 };
-        let flags = if i + 1 == parts.len() { 4 } else { 0 };
-        out.extend_from_slice(&[len[1], len[2], len[3], kind, flags, 0, 0, 0, 1]);
-        out.extend_from_slice(part);
-    }
-    out
-}
-
-/// An HPACK literal header without indexing, new name, no Huffman coding.
-fn literal(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.push(0);
-    hpack_int(out, name.len());
-    out.extend_from_slice(name.as_bytes());
-    hpack_int(out, value.len());
-    out.extend_from_slice(value);
-}
-
-/// An HPACK integer with a 7-bit prefix.
-fn hpack_int(out: &mut Vec<u8>, mut v: usize) {
-    if v < 127 {
-        out.push(v as u8);
-        return;
-    }
-    out.push(127);
-    v -= 127;
-    while v >= 128 {
-        out.push((v % 128) as u8 | 0x80);
-        v /= 128;
-    }
-    out.push(v as u8);
 }
 
 /// Opens up to `n` connections to `addr`, each sending `first`; the ones that connected within

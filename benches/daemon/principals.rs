@@ -9,20 +9,14 @@
 //!   their spread; "new" is the harness's daemon (`BATCHD_BENCH_BIN` or this build's).
 
 use std::ffi::OsString;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use batchd::proto::{self, process_request::Kind};
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::echo;
-use crate::support::client::connect;
+use crate::support::client::{connect, open_call_as};
 use crate::support::daemon::Daemon;
+use crate::support::flow::{echo_batches, Flow};
 use crate::support::report::figure;
 use crate::support::scenarios::knob;
 
@@ -124,85 +118,30 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Echo calls of one principal that keep `in_flight` jobs each outstanding; counts the results.
 struct Load {
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    done: Arc<AtomicU64>,
+    flows: Vec<Flow>,
 }
 
 impl Load {
     /// Opens `calls` calls on `url`, each on its own connection, with the bearer `token`.
     async fn start(url: &str, calls: usize, token: &str, in_flight: usize) -> Self {
-        let stop = CancellationToken::new();
-        let done = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
+        let mut flows = Vec::new();
         for c in 0..calls {
-            let mut client = connect(url).await;
-            let (tx, rx) = mpsc::channel(16);
-            let mut request = tonic::Request::new(ReceiverStream::new(rx));
-            let value = format!("Bearer {token}").parse().unwrap();
-            request.metadata_mut().insert("authorization", value);
-            let mut responses = client.process(request).await.unwrap().into_inner();
-            let credit = Arc::new(Semaphore::new(in_flight));
-            let (stop_tx, credit_tx) = (stop.clone(), Arc::clone(&credit));
-            tasks.push(tokio::spawn(async move {
-                let payload = Bytes::from(vec![b'x'; PAYLOAD]);
-                let mut seq = 0u64;
-                loop {
-                    let permit = tokio::select! {
-                        p = credit_tx.acquire_many(BATCH as u32) => p.unwrap(),
-                        () = stop_tx.cancelled() => break,
-                    };
-                    permit.forget();
-                    let jobs = (0..BATCH)
-                        .map(|_| {
-                            seq += 1;
-                            proto::Job {
-                                id: seq.to_string(),
-                                handler: "echo".into(),
-                                payload: payload.clone(),
-                                params: Default::default(),
-                                timeout: None,
-                            }
-                        })
-                        .collect();
-                    let batch = proto::JobBatch {
-                        batch_id: format!("c{c}s{seq}"),
-                        jobs,
-                    };
-                    let req = proto::ProcessRequest {
-                        kind: Some(Kind::Batch(batch)),
-                    };
-                    if tx.send(req).await.is_err() {
-                        break;
-                    }
-                }
-                drop(client);
-            }));
-            let (stop_rx, done) = (stop.clone(), Arc::clone(&done));
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let msg = tokio::select! {
-                        m = responses.message() => m,
-                        () = stop_rx.cancelled() => break,
-                    };
-                    let Ok(Some(msg)) = msg else { break };
-                    let n = msg.results.len();
-                    done.fetch_add(n as u64, Ordering::Relaxed);
-                    credit.add_permits(n);
-                }
-            }));
+            let client = connect(url).await;
+            let call = open_call_as(&client, 16, Some(token)).await;
+            let rt = tokio::runtime::Handle::current();
+            let batches = echo_batches(c, PAYLOAD, BATCH);
+            flows.push(Flow::start(&rt, call, client, in_flight, BATCH, batches));
         }
-        Self { stop, tasks, done }
+        Self { flows }
     }
 
     fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
+        self.flows.iter().map(Flow::done).sum()
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        for t in self.tasks {
-            t.await.unwrap();
+        for f in self.flows {
+            f.stop().await;
         }
     }
 }

@@ -37,12 +37,35 @@ pub async fn try_open_call(
     client: &BatchServiceClient<Channel>,
     buffer: usize,
 ) -> Result<Call, tonic::Status> {
+    try_open_call_as(client, buffer, None).await
+}
+
+/// [`open_call`] with `authorization: Bearer TOKEN` when `token` is given.
+pub async fn open_call_as(
+    client: &BatchServiceClient<Channel>,
+    buffer: usize,
+    token: Option<&str>,
+) -> Call {
+    try_open_call_as(client, buffer, token)
+        .await
+        .unwrap_or_else(|s| panic!("the call was refused: {s:?}"))
+}
+
+/// [`try_open_call`] with `authorization: Bearer TOKEN` when `token` is given.
+pub async fn try_open_call_as(
+    client: &BatchServiceClient<Channel>,
+    buffer: usize,
+    token: Option<&str>,
+) -> Result<Call, tonic::Status> {
     let (tx, rx) = mpsc::channel(buffer);
-    let rx = client
-        .clone()
-        .process(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .expect("a token is header-safe");
+        request.metadata_mut().insert("authorization", value);
+    }
+    let rx = client.clone().process(request).await?.into_inner();
     Ok(Call { tx, rx })
 }
 

@@ -4,6 +4,7 @@
 pub mod batchctl;
 pub mod daemon;
 pub mod failover;
+pub mod h2frames;
 pub mod jobs;
 pub mod map;
 pub mod otlp;

@@ -353,13 +353,14 @@ impl State {
                 lane.in_ring = false;
                 continue;
             }
-            self.grant(g, id, wake);
-            let (group, lane) = (&mut self.groups[g], self.lanes.get_mut(&id));
-            match lane {
-                Some(lane) if lane.wants > 0 => group.ring.push_back(id),
-                Some(lane) => lane.in_ring = false,
-                None => {}
+            grant(lane, group, &mut self.clock, &mut self.vtime, wake);
+            if lane.wants > 0 {
+                group.ring.push_back(id);
+            } else {
+                lane.in_ring = false;
             }
+            self.free -= 1;
+            self.sub_wants(g, 1);
         }
     }
 
@@ -372,36 +373,17 @@ impl State {
             };
             lane.in_fresh = false;
             let g = lane.group;
-            let group = &self.groups[g];
+            let group = &mut self.groups[g];
             if lane.wants == 0 || lane.taken + lane.granted > 0 || group.held >= group.cap {
                 continue;
             }
             // Its entry in the group's ring stays: it is skipped there once the lane wants none.
-            self.grant(g, id, wake);
+            grant(lane, group, &mut self.clock, &mut self.vtime, wake);
+            self.free -= 1;
+            self.sub_wants(g, 1);
             return true;
         }
         false
-    }
-
-    /// Grants one free slot to lane `id` of group `g`, which wants one.
-    fn grant(&mut self, g: usize, id: u64, wake: &mut Vec<Waker>) {
-        let Some(lane) = self.lanes.get_mut(&id) else {
-            return;
-        };
-        let group = &mut self.groups[g];
-        lane.wants -= 1;
-        lane.granted += 1;
-        lane.granted_at.get_or_insert_with(Instant::now);
-        group.held += 1;
-        group.served = self.clock;
-        self.clock += 1;
-        self.vtime = self.vtime.max(group.pass);
-        group.pass += group.stride;
-        self.free -= 1;
-        if let Some(w) = lane.waker.take() {
-            wake.push(w);
-        }
-        self.sub_wants(g, 1);
     }
 
     /// Puts lane `id` in `fresh` if the reserve is on, it holds no slot, wants one and is not there.
@@ -428,6 +410,29 @@ impl State {
         }
         self.sub_wants(lane.group, lane.wants);
         self.give_back(lane.group, held + lane.granted, held);
+    }
+}
+
+/// The bookkeeping of one grant to `lane` of `group` (the caller takes the slot from the free
+/// ones and the want from the group's): the lane is woken through `wake`.
+#[inline]
+fn grant(
+    lane: &mut LaneState,
+    group: &mut Group,
+    clock: &mut u64,
+    vtime: &mut u128,
+    wake: &mut Vec<Waker>,
+) {
+    lane.wants -= 1;
+    lane.granted += 1;
+    lane.granted_at.get_or_insert_with(Instant::now);
+    group.held += 1;
+    group.served = *clock;
+    *clock += 1;
+    *vtime = (*vtime).max(group.pass);
+    group.pass += group.stride;
+    if let Some(w) = lane.waker.take() {
+        wake.push(w);
     }
 }
 

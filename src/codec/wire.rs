@@ -173,10 +173,12 @@ fn reserve_jobs(jobs: &mut Vec<Job>, buf: &impl Buf) {
     let Ok(first) = encoding::decode_varint(&mut buf.chunk()) else {
         return;
     };
+    // Each job takes its key (one byte), its length and its body. Rounded up: a batch of equal jobs
+    // fits exactly (rounding down left the vector one short, and it doubled for the last job).
     let each = usize::try_from(first)
         .unwrap_or(usize::MAX)
-        .saturating_add(3);
-    jobs.reserve((buf.remaining() / each).clamp(1, RESERVE_JOBS));
+        .saturating_add(1 + encoding::encoded_len_varint(first));
+    jobs.reserve(buf.remaining().div_ceil(each).clamp(1, RESERVE_JOBS));
 }
 
 fn encode_text(tag: u32, value: &Text, buf: &mut impl BufMut) {
@@ -556,5 +558,51 @@ impl Message for JobResult {
 
     fn clear(&mut self) {
         *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of `n` jobs with ids of one length and `payload`-byte payloads, decoded.
+    fn decoded(n: usize, payload: usize) -> JobBatch {
+        let jobs = (0..n)
+            .map(|i| Job {
+                id: Text::from(format!("j{i:06}").as_str()),
+                handler: Text::from("echo"),
+                payload: Bytes::from(vec![b'x'; payload]),
+                ..Job::default()
+            })
+            .collect();
+        let request = ProcessRequest {
+            kind: Some(Kind::Batch(JobBatch {
+                batch_id: Text::from("b"),
+                jobs,
+            })),
+        };
+        match ProcessRequest::decode(request.encode_to_vec().as_slice()) {
+            Ok(ProcessRequest {
+                kind: Some(Kind::Batch(b)),
+            }) => b,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_of_equal_jobs_is_decoded_into_one_allocation() {
+        // Bodies under 128 bytes (a one-byte length) and over (two bytes).
+        for payload in [0, 64, 100, 200, 20_000] {
+            for n in [1, 2, 72, 73, 256, 1000] {
+                let b = decoded(n, payload);
+                assert_eq!(b.jobs.len(), n);
+                // (A vector's first allocation holds at least 4.)
+                assert!(
+                    b.jobs.capacity() <= (n + 1).max(4),
+                    "{n} jobs of {payload} bytes: room for {}, the vector grew",
+                    b.jobs.capacity()
+                );
+            }
+        }
     }
 }

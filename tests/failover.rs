@@ -13,6 +13,7 @@ use support::batchctl::{command, path_str, read_records, refused_endpoint, Ctl, 
 use support::batchctl::{EXIT_UNREACHABLE, LIVENESS};
 use support::daemon::Daemon;
 use support::failover::*;
+use support::tls::{Ca, Files};
 
 /// Three daemons on `127.0.0.1:0`.
 async fn three() -> [Daemon; 3] {
@@ -40,54 +41,46 @@ fn start_run(endpoints: &str, output: &std::path::Path, input: &str, args: &[&st
     Ctl::spawn(&all, None)
 }
 
-/// Configs of the `hold` exec handler (every thousandth job of the kill -9 run): on the
-/// replica to kill, it runs for 30 s; on the others at once.
-const HOLD_FOREVER: &str = "[[exec]]\nname = \"hold\"\ncommand = [\"sleep\", \"30\"]\n";
-const HOLD_NOT: &str = "[[exec]]\nname = \"hold\"\ncommand = [\"true\"]\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_of_three_replicas_loses_no_job_and_duplicates_none() {
     let dir = tempfile::tempdir().unwrap();
-    // Every thousandth job is a `hold` that never ends on b: when b runs one, it surely holds a
-    // job when it is killed (its short jobs may all be answered in a stall of a loaded machine).
-    let input = job_file_of(dir.path(), JOBS, |i| {
-        if i % 1000 == 999 {
-            format!(r#"{{"id":"{i}","handler":"hold"}}"#)
-        } else {
-            job_line(i)
-        }
-    });
+    let input = job_file_of(dir.path(), JOBS, kill_run_line);
     let output = dir.path().join("out.jsonl");
-    let config = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let (hold_not, hold_forever) = (
-        config("hold-not.toml", HOLD_NOT),
-        config("hold-forever.toml", HOLD_FOREVER),
-    );
+    let (hold_not, hold_forever) = hold_configs(dir.path());
     let [a, mut b, c] = [
         Daemon::serving(&["--config", path_str(&hold_not)]).await,
         Daemon::serving(&["--config", path_str(&hold_forever)]).await,
         Daemon::serving(&["--config", path_str(&hold_not)]).await,
     ];
-    let mut ctl = start_run(&list(&[&a, &b, &c]), &output, path_str(&input), &[]);
+    let ctl = start_run(&list(&[&a, &b, &c]), &output, path_str(&input), &[]);
+    kill_while_it_holds_a_job(ctl, &b, &b.url, &output, JOBS).await;
+    assert!(!b.running());
+}
 
-    wait_for_results(&mut ctl, &output, JOBS / 3).await;
+/// A third of the run's `n` results in, waits until `b` runs a hold job and kills it (-9); then
+/// checks that the run ends well with each job's result once, `b`'s loss reported (as `url`),
+/// and its jobs sent to the others.
+async fn kill_while_it_holds_a_job(
+    mut ctl: Ctl,
+    b: &Daemon,
+    url: &str,
+    output: &std::path::Path,
+    n: usize,
+) {
+    wait_for_results(&mut ctl, output, n / 3).await;
     support::wait_until("the replica to kill holds a hold job", RUN_LIMIT, || {
         assert!(ctl.running(), "the run ended before the kill");
-        running(&b, "hold") >= 1.0
+        running(b, "hold") >= 1.0
     })
     .await;
     b.kill_now();
     let done = ctl.finish(RUN_LIMIT).await;
 
     assert_eq!(done.code, Some(EXIT_OK), "{}", done.stderr);
-    assert_each_once_ok(&[&output], JOBS);
+    assert_each_once_ok(&[output], n);
     assert!(
         done.stderr
-            .contains(&format!("batchctl: lost replica {}: ", b.url)),
+            .contains(&format!("batchctl: lost replica {url}: ")),
         "the loss is reported: {}",
         done.stderr
     );
@@ -97,7 +90,58 @@ async fn kill_9_of_one_of_three_replicas_loses_no_job_and_duplicates_none() {
         summary.contains(" resubmitted") && summary.contains("replicas 2/3 live, 1 lost"),
         "{summary}"
     );
-    assert!(!b.running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_of_three_mtls_replicas_loses_no_job_either() {
+    // The same over mutual TLS: batchctl's calls to the others go on over their own TLS
+    // connections, and the jobs it resubmits need no new handshake with the dead one.
+    let n = 30_000;
+    let (server_ca, clients) = (Ca::new("server CA"), Ca::new("clients"));
+    let files = Files::new(&server_ca.server(&[]), Some(&clients.pem()));
+    let ca = files.write("ca.crt", &server_ca.pem());
+    let (cert, key) = files.write_client("batchctl", &clients.client("batchctl"));
+    let dir = files.dir.path();
+    let input = job_file_of(dir, n, kill_run_line);
+    let output = dir.join("out.jsonl");
+    let (hold_not, hold_forever) = hold_configs(dir);
+    let tls = files.daemon_args(true);
+    let daemon = |config: &str| {
+        let mut args = vec!["--config".to_owned(), config.to_owned()];
+        args.extend(tls.iter().cloned());
+        args
+    };
+    let (not, forever) = (daemon(path_str(&hold_not)), daemon(path_str(&hold_forever)));
+    fn strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let [a, b, c] = [
+        Daemon::serving(&strs(&not)).await,
+        Daemon::serving(&strs(&forever)).await,
+        Daemon::serving(&strs(&not)).await,
+    ];
+    let https = |d: &Daemon| d.url.replacen("http://", "https://", 1);
+    let endpoints = [&a, &b, &c].map(https).join(",");
+    let ctl = Ctl::spawn(
+        &[
+            "--endpoint",
+            &endpoints,
+            "--tls-ca",
+            path_str(&ca),
+            "--tls-cert",
+            path_str(&cert),
+            "--tls-key",
+            path_str(&key),
+            "run",
+            "-q",
+            "-o",
+            path_str(&output),
+            path_str(&input),
+        ],
+        None,
+    );
+
+    kill_while_it_holds_a_job(ctl, &b, &https(&b), &output, n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,32 @@ pub fn job_line(i: usize) -> String {
     }
 }
 
+/// Job `i` of a run that kills a replica: [`job_line`], but every thousandth job is a `hold`
+/// ([`hold_configs`]): the replica to kill surely holds a job while it runs one (its short jobs
+/// may all be answered in a stall of a loaded machine).
+pub fn kill_run_line(i: usize) -> String {
+    if i % 1000 == 999 {
+        format!(r#"{{"id":"{i}","handler":"hold"}}"#)
+    } else {
+        job_line(i)
+    }
+}
+
+/// Config files of the `hold` exec handler, written to `dir`: one where it ends at once (for the
+/// replicas that stay) and one where it runs for 30 s (for the replica to kill).
+pub fn hold_configs(dir: &Path) -> (PathBuf, PathBuf) {
+    let write = |name: &str, command: &str| {
+        let path = dir.join(name);
+        let text = format!("[[exec]]\nname = \"hold\"\ncommand = {command}\n");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    (
+        write("hold-not.toml", r#"["true"]"#),
+        write("hold-forever.toml", r#"["sleep", "30"]"#),
+    )
+}
+
 /// A file of jobs `0..n` ([`job_line`]).
 pub fn job_file(dir: &Path, n: usize) -> PathBuf {
     job_file_of(dir, n, job_line)

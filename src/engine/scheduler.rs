@@ -49,6 +49,9 @@ struct State {
     /// Lanes that wanted a slot while they held none, each at most once, oldest first: who may
     /// take the reserve. An entry whose lane holds slots by its turn is skipped.
     fresh: VecDeque<u64>,
+    /// Entries of `fresh` whose lane was dropped: swept out when they are the larger part, so
+    /// calls that come and go while the reserve is taken cannot grow it.
+    dead_fresh: usize,
     /// Groups by index (a principal's metrics row); never removed, so an index stays valid.
     groups: Vec<Group>,
     /// Groups that want slots, each once, in no order.
@@ -143,6 +146,7 @@ impl Scheduler {
                 reserve: reserve.min(slots.saturating_sub(1)),
                 free: slots,
                 fresh: VecDeque::new(),
+                dead_fresh: 0,
                 groups: vec![Group::new()],
                 active: Vec::new(),
                 lanes: HashMap::default(),
@@ -369,6 +373,7 @@ impl State {
     fn grant_fresh(&mut self, wake: &mut Vec<Waker>) -> bool {
         while let Some(id) = self.fresh.pop_front() {
             let Some(lane) = self.lanes.get_mut(&id) else {
+                self.dead_fresh = self.dead_fresh.saturating_sub(1);
                 continue;
             };
             lane.in_fresh = false;
@@ -407,6 +412,14 @@ impl State {
         if lane.in_ring {
             let lanes = &self.lanes;
             self.groups[lane.group].dead_entry(lanes);
+        }
+        if lane.in_fresh {
+            self.dead_fresh += 1;
+            if self.dead_fresh > 64 && self.dead_fresh * 2 > self.fresh.len() {
+                let lanes = &self.lanes;
+                self.fresh.retain(|id| lanes.contains_key(id));
+                self.dead_fresh = 0;
+            }
         }
         self.sub_wants(lane.group, lane.wants);
         self.give_back(lane.group, held + lane.granted, held);
@@ -988,5 +1001,33 @@ mod tests {
         assert_eq!(s.free(), 3);
         capped.release(1);
         assert_eq!(second.take(), 1, "the principal's freed slot");
+    }
+
+    #[test]
+    fn calls_that_come_and_go_while_the_reserve_is_taken_do_not_grow_its_queue() {
+        let s = Scheduler::new(2, 1);
+        let mut bulk = s.lane(0);
+        bulk.want(10);
+        assert_eq!(bulk.take(), 1);
+        let mut small = s.lane(0);
+        small.want(1);
+        assert_eq!(small.take(), 1, "the reserve");
+        for _ in 0..10_000 {
+            let mut gone = s.lane(0);
+            gone.want(1);
+        }
+        let fresh = s.lock().fresh.len();
+        assert!(
+            fresh <= 130,
+            "the reserve's queue holds {fresh} entries of dropped lanes"
+        );
+        let mut waiting = s.lane(0);
+        waiting.want(1);
+        small.release(1);
+        assert_eq!(
+            waiting.take(),
+            1,
+            "a live lane holding none still gets the reserve"
+        );
     }
 }

@@ -92,56 +92,97 @@ async fn kill_while_it_holds_a_job(
     );
 }
 
+/// Three replicas with mutual TLS, and the batchctl that reaches them.
+struct Mtls {
+    files: Files,
+    /// batchctl's TLS flags.
+    flags: Vec<String>,
+}
+
+impl Mtls {
+    fn new() -> Self {
+        let (server_ca, clients) = (Ca::new("server CA"), Ca::new("clients"));
+        let files = Files::new(&server_ca.server(&[]), Some(&clients.pem()));
+        let ca = files.write("ca.crt", &server_ca.pem());
+        let (cert, key) = files.write_client("batchctl", &clients.client("batchctl"));
+        let flags = [("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)]
+            .into_iter()
+            .flat_map(|(flag, path)| [flag.to_owned(), path_str(&path).to_owned()])
+            .collect();
+        Self { files, flags }
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.files.dir.path()
+    }
+
+    /// A daemon with mTLS and `args`.
+    async fn daemon(&self, args: &[&str]) -> Daemon {
+        let tls = self.files.daemon_args(true);
+        let mut all = args.to_vec();
+        all.extend(tls.iter().map(String::as_str));
+        Daemon::serving(&all).await
+    }
+
+    /// Starts `batchctl --endpoint https://… TLS flags run -q -o OUTPUT args… INPUT`.
+    fn run(
+        &self,
+        daemons: &[&Daemon],
+        output: &std::path::Path,
+        input: &str,
+        args: &[&str],
+    ) -> Ctl {
+        let endpoints = daemons
+            .iter()
+            .map(|d| https(d))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut all = vec!["--endpoint", &endpoints];
+        all.extend(self.flags.iter().map(String::as_str));
+        all.extend(["run", "-q", "-o", path_str(output)]);
+        all.extend_from_slice(args);
+        all.push(input);
+        Ctl::spawn(&all, None)
+    }
+}
+
+/// The daemon's URL as batchctl names it with TLS.
+fn https(d: &Daemon) -> String {
+    d.url.replacen("http://", "https://", 1)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_of_three_mtls_replicas_loses_no_job_either() {
     // The same over mutual TLS: batchctl's calls to the others go on over their own TLS
     // connections, and the jobs it resubmits need no new handshake with the dead one.
     let n = 30_000;
-    let (server_ca, clients) = (Ca::new("server CA"), Ca::new("clients"));
-    let files = Files::new(&server_ca.server(&[]), Some(&clients.pem()));
-    let ca = files.write("ca.crt", &server_ca.pem());
-    let (cert, key) = files.write_client("batchctl", &clients.client("batchctl"));
-    let dir = files.dir.path();
-    let input = job_file_of(dir, n, kill_run_line);
-    let output = dir.join("out.jsonl");
-    let (hold_not, hold_forever) = hold_configs(dir);
-    let tls = files.daemon_args(true);
-    let daemon = |config: &str| {
-        let mut args = vec!["--config".to_owned(), config.to_owned()];
-        args.extend(tls.iter().cloned());
-        args
-    };
-    let (not, forever) = (daemon(path_str(&hold_not)), daemon(path_str(&hold_forever)));
-    fn strs(args: &[String]) -> Vec<&str> {
-        args.iter().map(String::as_str).collect()
-    }
+    let tls = Mtls::new();
+    let input = job_file_of(tls.dir(), n, kill_run_line);
+    let output = tls.dir().join("out.jsonl");
+    let (hold_not, hold_forever) = hold_configs(tls.dir());
     let [a, b, c] = [
-        Daemon::serving(&strs(&not)).await,
-        Daemon::serving(&strs(&forever)).await,
-        Daemon::serving(&strs(&not)).await,
+        tls.daemon(&["--config", path_str(&hold_not)]).await,
+        tls.daemon(&["--config", path_str(&hold_forever)]).await,
+        tls.daemon(&["--config", path_str(&hold_not)]).await,
     ];
-    let https = |d: &Daemon| d.url.replacen("http://", "https://", 1);
-    let endpoints = [&a, &b, &c].map(https).join(",");
-    let ctl = Ctl::spawn(
-        &[
-            "--endpoint",
-            &endpoints,
-            "--tls-ca",
-            path_str(&ca),
-            "--tls-cert",
-            path_str(&cert),
-            "--tls-key",
-            path_str(&key),
-            "run",
-            "-q",
-            "-o",
-            path_str(&output),
-            path_str(&input),
-        ],
-        None,
-    );
-
+    let ctl = tls.run(&[&a, &b, &c], &output, path_str(&input), &[]);
     kill_while_it_holds_a_job(ctl, &b, &https(&b), &output, n).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_mtls_replica_hands_its_jobs_to_the_others_too() {
+    let n = 30_000;
+    let tls = Mtls::new();
+    let input = job_file(tls.dir(), n);
+    let output = tls.dir().join("out.jsonl");
+    let [a, b, c] = [
+        tls.daemon(&[]).await,
+        tls.daemon(&[]).await,
+        tls.daemon(&[]).await,
+    ];
+    let ctl = tls.run(&[&a, &b, &c], &output, path_str(&input), &["--ordered"]);
+    let url = https(&b);
+    drain_mid_run(ctl, b, &url, &output, n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,16 +190,23 @@ async fn a_drained_replica_hands_its_jobs_to_the_others_and_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let input = job_file(dir.path(), JOBS);
     let output = dir.path().join("out.jsonl");
-    let [a, mut b, c] = three().await;
+    let [a, b, c] = three().await;
     // In input order, too: the reorder buffer holds what the resubmitted jobs hold back.
-    let mut ctl = start_run(
+    let ctl = start_run(
         &list(&[&a, &b, &c]),
         &output,
         path_str(&input),
         &["--ordered"],
     );
+    let url = b.url.clone();
+    drain_mid_run(ctl, b, &url, &output, JOBS).await;
+}
 
-    wait_for_results(&mut ctl, &output, JOBS / 3).await;
+/// A third of the `--ordered` run's `n` results in, drains `b` (SIGTERM); checks that it exits at
+/// once, not after the run, and that the run ends well: each job's result once, in input order,
+/// `b` (as `url`) left as draining or lost while shutting down.
+async fn drain_mid_run(mut ctl: Ctl, mut b: Daemon, url: &str, output: &std::path::Path, n: usize) {
+    wait_for_results(&mut ctl, output, n / 3).await;
     let drained_at = Instant::now();
     b.signal("TERM");
     // The drain does not wait for batchctl's run: its own jobs are given back, its running ones
@@ -169,21 +217,20 @@ async fn a_drained_replica_hands_its_jobs_to_the_others_and_exits_at_once() {
     let done = ctl.finish(RUN_LIMIT).await;
 
     assert_eq!(done.code, Some(EXIT_OK), "{}", done.stderr);
-    assert_each_once_ok(&[&output], JOBS);
-    let ids: Vec<String> = read_records(&output)
+    assert_each_once_ok(&[output], n);
+    let ids: Vec<String> = read_records(output)
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_owned())
         .collect();
-    let expected: Vec<String> = (0..JOBS).map(|i| i.to_string()).collect();
+    let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
     assert!(ids == expected, "--ordered: input order");
     // Draining, it gives back what it has not started (a call that held nothing at that moment
     // just ends UNAVAILABLE): either way batchctl leaves it.
     assert!(
         done.stderr
-            .contains(&format!("batchctl: replica {} is draining", b.url))
+            .contains(&format!("batchctl: replica {url} is draining"))
             || done.stderr.contains(&format!(
-                "batchctl: lost replica {}: UNAVAILABLE: batchd is shutting down",
-                b.url
+                "batchctl: lost replica {url}: UNAVAILABLE: batchd is shutting down"
             )),
         "{}",
         done.stderr

@@ -129,8 +129,6 @@ pub(crate) enum PoolStall {
 pub(crate) struct Lane {
     scheduler: Arc<Scheduler>,
     id: u64,
-    /// Slots taken by the owner and not released yet.
-    held: usize,
 }
 
 // === impl Scheduler ===
@@ -195,7 +193,6 @@ impl Scheduler {
         Lane {
             scheduler: Arc::clone(self),
             id,
-            held: 0,
         }
     }
 
@@ -404,8 +401,8 @@ impl State {
         }
     }
 
-    /// Forgets the lane `id` whose owner held `held` slots; gives back those and its grants.
-    fn remove(&mut self, id: u64, held: usize) {
+    /// Forgets the lane `id`; gives back the slots its owner took and its grants.
+    fn remove(&mut self, id: u64) {
         let Some(lane) = self.lanes.remove(&id) else {
             return;
         };
@@ -422,7 +419,7 @@ impl State {
             }
         }
         self.sub_wants(lane.group, lane.wants);
-        self.give_back(lane.group, held + lane.granted, held);
+        self.give_back(lane.group, lane.taken + lane.granted, lane.taken);
     }
 }
 
@@ -500,7 +497,6 @@ impl Lane {
             lane.taken += n;
             let g = lane.group;
             state.groups[g].running += n;
-            self.held += n;
             return Poll::Ready(n);
         }
         match &lane.waker {
@@ -521,22 +517,33 @@ impl Lane {
         let (n, g) = (std::mem::take(&mut lane.granted), lane.group);
         lane.taken += n;
         state.groups[g].running += n;
-        self.held += n;
         n
     }
 
-    /// Gives back `n` slots taken earlier.
+    /// Slots taken and not released yet.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.scheduler
+            .lock()
+            .lanes
+            .get(&self.id)
+            .map_or(0, |l| l.taken)
+    }
+
+    /// Gives back `n` slots taken earlier (at most all of them).
     pub(crate) fn release(&mut self, n: usize) {
-        let n = n.min(self.held);
         if n == 0 {
             return;
         }
-        self.held -= n;
         let mut wake = Vec::new();
         {
             let mut state = self.scheduler.lock();
             if let Some(lane) = state.lanes.get_mut(&self.id) {
-                lane.taken -= n.min(lane.taken);
+                let n = n.min(lane.taken);
+                if n == 0 {
+                    return;
+                }
+                lane.taken -= n;
                 let g = lane.group;
                 state.give_back(g, n, n);
                 state.note_fresh(self.id);
@@ -556,9 +563,8 @@ impl Lane {
                 let (g, wants) = (lane.group, std::mem::take(&mut lane.wants));
                 let granted = std::mem::take(&mut lane.granted);
                 lane.granted_at = None;
-                lane.taken = 0;
+                let held = std::mem::take(&mut lane.taken);
                 state.sub_wants(g, wants);
-                let held = std::mem::take(&mut self.held);
                 state.give_back(g, held + granted, held);
                 state.dispatch(&mut wake);
             }
@@ -572,7 +578,7 @@ impl Drop for Lane {
         let mut wake = Vec::new();
         {
             let mut state = self.scheduler.lock();
-            state.remove(self.id, self.held);
+            state.remove(self.id);
             state.dispatch(&mut wake);
         }
         wake.into_iter().for_each(Waker::wake);
@@ -630,7 +636,7 @@ mod tests {
         // The ring is [greedy, small]: turns alternate, whoever frees the slot.
         let mut order = Vec::new();
         for _ in 0..6 {
-            if greedy.held > 0 {
+            if greedy.held() > 0 {
                 greedy.release(1);
             } else {
                 small.release(1);
@@ -645,7 +651,7 @@ mod tests {
             order,
             ["greedy", "small", "greedy", "small", "greedy", "small"]
         );
-        small.release(small.held);
+        small.release(small.held());
         assert_eq!(
             greedy.take(),
             1,
@@ -754,7 +760,7 @@ mod tests {
         for _ in 0..rounds {
             for lanes in groups.iter_mut() {
                 for l in lanes.iter_mut() {
-                    let held = l.held;
+                    let held = l.held();
                     l.release(held);
                     l.want(held);
                 }
@@ -809,7 +815,7 @@ mod tests {
         );
         // As a's jobs end, freed slots go to b until the shares are 3:9.
         for l in &mut a {
-            let held = l.held;
+            let held = l.held();
             l.release(held);
             l.want(held);
         }
@@ -835,7 +841,7 @@ mod tests {
         assert_eq!(take_all(&mut other), 7);
         // A slot the capped group gives back goes back to it (it is under its cap again and
         // furthest below its share); the others' freed slots do not.
-        let holder = capped.iter_mut().find(|l| l.held > 0).unwrap();
+        let holder = capped.iter_mut().find(|l| l.held() > 0).unwrap();
         holder.release(1);
         assert_eq!(take_all(&mut capped), 1);
         other[0].release(2);
@@ -861,7 +867,7 @@ mod tests {
         assert_eq!((a.take(), b.take()), (1, 0));
         let mut order = Vec::new();
         for _ in 0..6 {
-            if a.held > 0 {
+            if a.held() > 0 {
                 a.release(1);
             } else {
                 b.release(1);
